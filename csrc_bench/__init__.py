@@ -1,0 +1,1 @@
+"""Benchmarks: Triton ops against eager, torch.compile and hand-written CUDA C++ (run on a GPU)."""

@@ -1,0 +1,1 @@
+"""DC-AE models, diffusion models and the trainer, built on the dcae_kernels ops."""

@@ -1,0 +1,58 @@
+"""Which implementation runs the ops: Triton kernels or the plain-torch reference.
+
+``DCAE_KERNELS_BACKEND`` = ``auto`` (default) | ``triton`` | ``reference``.
+``auto`` runs Triton where it can run (CUDA tensors, or any tensor when ``TRITON_INTERPRET=1`` was set
+before import) and the reference elsewhere. ``triton`` refuses to run where Triton cannot, with an error.
+"""
+import importlib.util
+import os
+
+import torch
+
+CHOICES = ("auto", "triton", "reference")
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Triton decides interpreted vs compiled when a kernel is decorated, i.e. when this package is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def requested() -> str:
+    """The backend asked for through DCAE_KERNELS_BACKEND (validated)."""
+    choice = os.environ.get("DCAE_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"DCAE_KERNELS_BACKEND must be one of {CHOICES}, got {choice!r}")
+    return choice
+
+
+def _triton_blocker() -> str | None:
+    """Why Triton cannot run on this machine, or None when it can."""
+    if not HAS_TRITON:
+        return "the triton package is not installed"
+    if not (torch.cuda.is_available() or INTERPRET):
+        return "there is no CUDA device and TRITON_INTERPRET=1 was not set before dcae_kernels was imported"
+    return None
+
+
+def backend() -> str:
+    """The active backend, "triton" or "reference"."""
+    choice = requested()
+    blocker = _triton_blocker()
+    if choice == "triton" and blocker:
+        raise RuntimeError(f"DCAE_KERNELS_BACKEND=triton, but Triton cannot run here: {blocker}")
+    if choice == "reference" or blocker:
+        return "reference"
+    return "triton"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on tensor ``x`` runs the Triton kernel (True) or the reference (False)."""
+    if backend() == "reference":
+        return False
+    if x.is_cuda or INTERPRET:
+        return True
+    if requested() == "triton":
+        raise RuntimeError(
+            f"DCAE_KERNELS_BACKEND=triton, but the input is on {x.device}: the Triton kernels need a CUDA "
+            "tensor (or TRITON_INTERPRET=1 set before import)"
+        )
+    return False

@@ -1,0 +1,26 @@
+"""Test set-up: Triton runs under its interpreter when there is no CUDA device; `gpu` tests skip there."""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# The interpreter is ~1e4x slower than a GPU: no deadline, few examples, small shapes in the strategies.
+settings.register_profile("dcae", deadline=None, max_examples=25, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("dcae")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the lent GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
