@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dcae_kernels.demo
+	$(PY) -m dcae.ops_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -18,6 +18,7 @@ from torch.library import triton_op, wrap_triton
 from . import reference
 from .backend import INTERPRET, use_triton
 from .checks import check_float_tensor, check_like, check_positive_int
+from .outputs import new_output
 
 # Elements of the high-resolution tile per row load; the low-resolution tile is BLOCK // f of them.
 _CONFIGS = [triton.Config({"BLOCK": 1024})] if INTERPRET else [
@@ -162,7 +163,7 @@ def _space_to_channel_avg_op(x: torch.Tensor, out_channels: int, factor: int,
                              residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """x: (B, C, H, W) -> (B, out_channels, H/f, W/f): scale * space_to_channel_avg(x) (+ residual)."""
     batch, channels, height, width = x.shape
-    y = x.new_empty(batch, out_channels, height // factor, width // factor)
+    y = new_output(x, (batch, out_channels, height // factor, width // factor))
     if y.numel() == 0:
         return y
     residual = None if residual is None else residual.contiguous()
@@ -176,7 +177,7 @@ def _channel_to_space_dup_op(x: torch.Tensor, out_channels: int, factor: int,
                              residual: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """x: (B, C, H, W) -> (B, out_channels, H*f, W*f): scale * channel_to_space_dup(x) (+ residual)."""
     batch, channels, height, width = x.shape
-    y = x.new_empty(batch, out_channels, height * factor, width * factor)
+    y = new_output(x, (batch, out_channels, height * factor, width * factor))
     if y.numel() == 0:
         return y
     residual = None if residual is None else residual.contiguous()
@@ -188,22 +189,25 @@ def _channel_to_space_dup_op(x: torch.Tensor, out_channels: int, factor: int,
 
 def _setup_context(ctx, inputs, output):
     x, out_channels, factor, residual, scale = inputs
-    ctx.channels, ctx.factor, ctx.scale = x.shape[1], factor, scale
-    ctx.ratio = (x.shape[1] * factor * factor) / out_channels  # G for the down op, 1/R for the up op
+    ctx.channels, ctx.out_channels, ctx.factor, ctx.scale = x.shape[1], out_channels, factor, scale
     ctx.has_residual = residual is not None
 
 
 def _space_to_channel_avg_backward(ctx, grad):
+    """dx = scale / G * channel_to_space_dup(dy)."""
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.dcae.channel_to_space_dup(grad, ctx.channels, ctx.factor, None, ctx.scale / ctx.ratio)
+        group = ctx.channels * ctx.factor * ctx.factor // ctx.out_channels
+        grad_x = torch.ops.dcae.channel_to_space_dup(grad, ctx.channels, ctx.factor, None, ctx.scale / group)
     return grad_x, None, None, grad if ctx.has_residual else None, None
 
 
 def _channel_to_space_dup_backward(ctx, grad):
+    """dx = scale * R * space_to_channel_avg(dy) (the sum over each channel's R copies)."""
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.dcae.space_to_channel_avg(grad, ctx.channels, ctx.factor, None, ctx.scale / ctx.ratio)
+        repeats = ctx.out_channels * ctx.factor * ctx.factor // ctx.channels
+        grad_x = torch.ops.dcae.space_to_channel_avg(grad, ctx.channels, ctx.factor, None, ctx.scale * repeats)
     return grad_x, None, None, grad if ctx.has_residual else None, None
 
 

@@ -1,0 +1,135 @@
+"""Run the benchmark suites and turn pytest-benchmark's JSON into results/<date>-<gpu>.{json,md,png}."""
+import datetime
+import json
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BASELINES = ("eager", "compile", "cuda")
+
+
+def run_benchmarks(json_path: Path, select: str | None) -> int:
+    """pytest-benchmark over csrc_bench/, writing its JSON to ``json_path``; returns pytest's exit code."""
+    cmd = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
+           "-o", "addopts=", f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds,iterations"]
+    if select:
+        cmd += ["-k", select]
+    return subprocess.call(cmd, cwd=HERE.parent)
+
+
+def load_rows(bench_json: dict) -> list[dict]:
+    """One row per benchmark: its extra_info plus ms, GB/s, TFLOP/s, % of copy bandwidth and speed-ups."""
+    rows = [dict(b["extra_info"], ms=b["stats"]["median"] * 1e3, iqr_ms=b["stats"]["iqr"] * 1e3)
+            for b in bench_json["benchmarks"]]
+    copy = [r for r in rows if r["kernel"] == "copy"]
+    copy_gbps = copy[0]["bytes"] / copy[0]["ms"] / 1e6 if copy else None
+    by_case = defaultdict(dict)
+    for r in rows:
+        r["GB/s"] = r["bytes"] / r["ms"] / 1e6
+        r["TFLOP/s"] = r["flops"] / r["ms"] / 1e9 if r.get("flops") else None
+        r["% copy"] = 100 * r["GB/s"] / copy_gbps if copy_gbps else None
+        by_case[r["kernel"], r["shape"], r["mode"]][r["provider"]] = r["ms"]
+    for r in rows:
+        for base in BASELINES:
+            base_ms = by_case[r["kernel"], r["shape"], r["mode"]].get(base)
+            r[f"x {base}"] = base_ms / r["ms"] if base_ms else None
+    return rows
+
+
+def _fmt(v, digits):
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Benchmarks on {meta['gpu']} ({meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}. Medians of {meta['rounds']} rounds (CUDA-synchronised "
+             "timer). GB/s = (inputs read once + outputs written once) / time; % copy = against the device "
+             "copy bandwidth measured in the same run; x eager / x compile / x cuda = that provider's time "
+             "over this row's time (>1: this row is faster).", "",
+             "| kernel | shape | mode | provider | ms | GB/s | % copy | TFLOP/s | x eager | x compile | x cuda |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["shape"], r["mode"], r["provider"])):
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['mode']} | {r['provider']} | {r['ms']:.4f} | "
+                     f"{r['GB/s']:.0f} | {_fmt(r['% copy'], 1)} | {_fmt(r['TFLOP/s'], 2)} | "
+                     f"{_fmt(r['x eager'], 2)} | {_fmt(r['x compile'], 2)} | {_fmt(r['x cuda'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """One panel per kernel: GB/s per (shape, mode), a bar per provider, the copy bandwidth as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    copy = [r for r in rows if r["kernel"] == "copy"]
+    kernels = sorted({r["kernel"] for r in rows} - {"copy"})
+    fig, axes = plt.subplots(len(kernels), 1, figsize=(12, 3.2 * len(kernels)), squeeze=False)
+    for ax, kernel in zip(axes[:, 0], kernels):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        cases = sorted({(r["shape"], r["mode"]) for r in mine})
+        providers = sorted({r["provider"] for r in mine})
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
+            gbps = {(r["shape"], r["mode"]): r["GB/s"] for r in mine if r["provider"] == provider}
+            ax.bar([c + i * width for c in range(len(cases))], [gbps.get(c, 0) for c in cases], width, label=provider)
+        if copy:
+            ax.axhline(copy[0]["GB/s"], color="k", ls="--", lw=1, label="device copy")
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], [f"{s}\n{m}" for s, m in cases], fontsize=7)
+        ax.set_ylabel("GB/s")
+        ax.set_title(kernel, fontsize=9)
+        ax.legend(fontsize=7, ncol=len(providers) + 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(bench_json: dict, out_dir: Path) -> Path:
+    """Write <date>-<gpu>.json / .md / .png into ``out_dir``; returns the markdown's path."""
+    rows = load_rows(bench_json)
+    info = bench_json.get("machine_info", {})
+    gpu = rows[0]["gpu"] if rows else "unknown-gpu"
+    meta = dict(gpu=gpu, date=bench_json.get("datetime", datetime.datetime.now().isoformat())[:10],
+                torch=info.get("torch", "?"), triton=info.get("triton", "?"),
+                rounds=bench_json["benchmarks"][0]["stats"]["rounds"] if rows else 0)
+    stem = out_dir / f"{meta['date']}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    plot(rows, stem.with_suffix(".png"), f"{gpu}, bf16 ({meta['date']})")
+    return stem.with_suffix(".md")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+    import tempfile
+
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m csrc_bench")
+    parser.add_argument("command", choices=["report"])
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
+    parser.add_argument("-k", dest="select", help="pytest -k expression to run a subset")
+    parser.add_argument("--from-json", type=Path, help="re-make the report from a pytest-benchmark JSON")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        bench_json = json.loads(args.from_json.read_text())
+    else:
+        if not torch.cuda.is_available():
+            print("csrc_bench needs a CUDA GPU and this machine has none: nothing measured.")
+            return 0
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "raw.json"
+            code = run_benchmarks(raw, args.select)
+            if not raw.exists():
+                return code or 1
+            bench_json = json.loads(raw.read_text())
+        bench_json.setdefault("machine_info", {}).update(torch=torch.__version__,
+                                                         triton=__import__("triton").__version__)
+    md = write_report(bench_json, args.out)
+    print(md.read_text())
+    print(f"written: {md.with_suffix('.json')}, {md}, {md.with_suffix('.png')}")
+    return 0

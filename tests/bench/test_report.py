@@ -1,0 +1,46 @@
+"""csrc_bench's report arithmetic and files, from a made-up pytest-benchmark JSON (no GPU needed)."""
+import json
+
+from csrc_bench.report import load_rows, main
+
+
+def bench(kernel, provider, mode, seconds, nbytes, flops=None):
+    return {"extra_info": dict(kernel=kernel, provider=provider, mode=mode, shape="B8", bytes=nbytes, flops=flops,
+                               gpu="NVIDIA H200"),
+            "stats": {"median": seconds, "iqr": seconds / 100, "rounds": 10}}
+
+
+FAKE = {"datetime": "2026-11-26T10:00:00", "machine_info": {"torch": "2.11", "triton": "3.6"}, "benchmarks": [
+    bench("copy", "torch", "fwd", 0.5e-3, 2_000_000_000),  # 4000 GB/s
+    bench("down", "triton", "fwd", 0.4e-3, 1_500_000_000, flops=4_000_000_000),
+    bench("down", "eager", "fwd", 2.0e-3, 1_500_000_000),
+    bench("down", "compile", "fwd", 0.5e-3, 1_500_000_000),
+]}
+
+
+def test_rows_carry_bandwidth_and_speedups():
+    rows = {r["provider"]: r for r in load_rows(FAKE)}
+    triton = rows["triton"]
+    assert abs(triton["GB/s"] - 3750) < 1e-6
+    assert abs(triton["% copy"] - 93.75) < 1e-9
+    assert abs(triton["TFLOP/s"] - 10) < 1e-9
+    assert abs(triton["x eager"] - 5) < 1e-9 and abs(triton["x compile"] - 1.25) < 1e-9
+    assert triton["x cuda"] is None and rows["eager"]["TFLOP/s"] is None
+
+
+def test_report_files_from_json(tmp_path, capsys):
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(FAKE))
+    assert main(["report", "--from-json", str(raw), "--out", str(tmp_path / "out")]) == 0
+    stem = tmp_path / "out" / "2026-11-26-nvidia-h200"
+    md = stem.with_suffix(".md").read_text()
+    assert "| down | B8 | fwd | triton | 0.4000 | 3750 | 93.8 | 10.00 | 5.00 | 1.25 |  |" in md
+    assert json.loads(stem.with_suffix(".json").read_text())["meta"]["gpu"] == "NVIDIA H200"
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_without_gpu_says_so(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["report"]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
