@@ -16,39 +16,30 @@ def extension():
                 extra_cuda_cflags=["-O3"], verbose=False)
 
 
-class _Down(torch.autograd.Function):
+class _Shortcut(torch.autograd.Function):
+    """Forward with the CUDA kernel for ``op``; backward with the other one (the two are adjoint)."""
+
     @staticmethod
-    def forward(ctx, x, out_channels, factor, residual):
-        ctx.shape, ctx.has_residual = (x.shape[1], out_channels, factor), residual is not None
-        return extension().down(x, out_channels, factor, residual, 1.0)
+    def forward(ctx, op, x, out_channels, factor, residual):
+        ctx.op, ctx.shape, ctx.has_residual = op, (x.shape[1], out_channels, factor), residual is not None
+        return getattr(extension(), op)(x, out_channels, factor, residual, 1.0)
 
     @staticmethod
     def backward(ctx, grad):
         channels, out_channels, factor = ctx.shape
-        group = channels * factor * factor // out_channels
-        grad_x = extension().up(grad.contiguous(), channels, factor, None, 1.0 / group)
-        return grad_x, None, None, grad if ctx.has_residual else None
-
-
-class _Up(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_channels, factor, residual):
-        ctx.shape, ctx.has_residual = (x.shape[1], out_channels, factor), residual is not None
-        return extension().up(x, out_channels, factor, residual, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        channels, out_channels, factor = ctx.shape
-        repeats = out_channels * factor * factor // channels
-        grad_x = extension().down(grad.contiguous(), channels, factor, None, float(repeats))
-        return grad_x, None, None, grad if ctx.has_residual else None
+        grad = grad.contiguous()
+        if ctx.op == "down":  # dx = up(dy) / G
+            grad_x = extension().up(grad, channels, factor, None, out_channels / (channels * factor * factor))
+        else:  # dx = R * down(dy)
+            grad_x = extension().down(grad, channels, factor, None, out_channels * factor * factor / channels)
+        return None, grad_x, None, None, grad if ctx.has_residual else None
 
 
 def space_to_channel_avg(x, out_channels, factor=2, residual=None):
     """CUDA C++ version of dcae_kernels.space_to_channel_avg (contiguous CUDA tensors)."""
-    return _Down.apply(x, out_channels, factor, residual)
+    return _Shortcut.apply("down", x, out_channels, factor, residual)
 
 
 def channel_to_space_dup(x, out_channels, factor=2, residual=None):
     """CUDA C++ version of dcae_kernels.channel_to_space_dup (contiguous CUDA tensors)."""
-    return _Up.apply(x, out_channels, factor, residual)
+    return _Shortcut.apply("up", x, out_channels, factor, residual)

@@ -30,6 +30,28 @@ _MIN_BLOCK = min(c.kwargs["BLOCK"] for c in _CONFIGS)
 _KEY = ["HL", "WL", "F", "GROUP", "HAS_RES"]
 
 
+@triton.jit
+def _tile(HL, WL, F: tl.constexpr, FP: tl.constexpr, BW: tl.constexpr, BH: tl.constexpr):
+    """This program's share: ``bg`` = batch * channel groups + group, low-res rows ``o_h`` [BH] and columns
+    ``o_w`` [BW], high-res columns ``col`` [BW*FP] (col = w*F + j, j < F), and their masks."""
+    pid = tl.program_id(0).to(tl.int64)
+    n_wblk = tl.cdiv(WL, BW)
+    n_hblk = tl.cdiv(HL, BH)
+    wblk = (pid % n_wblk).to(tl.int32)
+    hblk = ((pid // n_wblk) % n_hblk).to(tl.int32)
+    bg = pid // (n_wblk * n_hblk)
+    o_h = hblk * BH + tl.arange(0, BH)
+    o_w = wblk * BW + tl.arange(0, BW)
+    o_e = tl.arange(0, BW * FP)
+    if FP == F:
+        col = wblk * BW * F + o_e
+        m_col = col < WL * F
+    else:
+        col = (wblk * BW + o_e // FP) * F + o_e % FP
+        m_col = (o_e % FP < F) & (col < WL * F)
+    return bg, o_h, o_h < HL, o_w, o_w < WL, col, m_col
+
+
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
 def space_to_channel_avg_kernel(
@@ -45,33 +67,17 @@ def space_to_channel_avg_kernel(
     BH: tl.constexpr = BLOCK // (BW * FP)
     acc_ty: tl.constexpr = tl.float64 if FP64 else tl.float32
     W = WL * F
-    pid = tl.program_id(0).to(tl.int64)
-    n_wblk = tl.cdiv(WL, BW)
-    n_hblk = tl.cdiv(HL, BH)
-    wblk = (pid % n_wblk).to(tl.int32)
-    hblk = ((pid // n_wblk) % n_hblk).to(tl.int32)
-    bg = pid // (n_wblk * n_hblk)  # batch * (C_out // NC) + channel group
-
-    o_h = hblk * BH + tl.arange(0, BH)
-    m_h = o_h < HL
-    o_e = tl.arange(0, BW * FP)
-    o_j = o_e % FP
-    if FP == F:
-        col = wblk * BW * F + o_e
-        m_col = col < W
-    else:
-        col = (wblk * BW + o_e // FP) * F + o_j
-        m_col = (o_j < F) & (col < W)
+    bg, o_h, m_h, o_w, m_w, col, m_col = _tile(HL, WL, F, FP, BW, BH)
+    o_j = tl.arange(0, BW * FP) % FP
     m_x = m_h[:, None] & m_col[None, :]
-    o_w = wblk * BW + tl.arange(0, BW)
-    m_y = m_h[:, None] & (o_w < WL)[None, :]
+    m_y = m_h[:, None] & m_w[None, :]
 
     for n in tl.static_range(NC):
         b_acc = tl.zeros([BH, BW], dtype=acc_ty)
         # rows whose unshuffled channels r*F + j fall in [n*GROUP, (n+1)*GROUP)
         for r in tl.static_range((n * GROUP) // F, ((n + 1) * GROUP - 1) // F + 1):
             t = bg * NR + r
-            p_x = x_ptr + (t // F) * HL * F * W + ((o_h * F + t % F) * W)[:, None] + col[None, :]
+            p_x = x_ptr + (t // F) * HL * F * W + ((o_h * F + (t % F).to(tl.int32)) * W)[:, None] + col[None, :]
             b_x = tl.load(p_x, mask=m_x, other=0.0).to(acc_ty)
             o_u = r * F + o_j
             m_u = (o_u >= n * GROUP) & (o_u < (n + 1) * GROUP)
@@ -99,26 +105,10 @@ def channel_to_space_dup_kernel(
     BH: tl.constexpr = BLOCK // (BW * FP)
     acc_ty: tl.constexpr = tl.float64 if FP64 else tl.float32
     W = WL * F
-    pid = tl.program_id(0).to(tl.int64)
-    n_wblk = tl.cdiv(WL, BW)
-    n_hblk = tl.cdiv(HL, BH)
-    wblk = (pid % n_wblk).to(tl.int32)
-    hblk = ((pid // n_wblk) % n_hblk).to(tl.int32)
-    bg = pid // (n_wblk * n_hblk)  # batch * (C // NC) + channel group
-
-    o_h = hblk * BH + tl.arange(0, BH)
-    m_h = o_h < HL
-    o_w = wblk * BW + tl.arange(0, BW)
-    m_x = m_h[:, None] & (o_w < WL)[None, :]
-    o_x = (o_h * WL)[:, None] + o_w[None, :]
+    bg, o_h, m_h, o_w, m_w, col, m_col = _tile(HL, WL, F, FP, BW, BH)
     o_j = tl.arange(0, FP)
-    o_e = tl.arange(0, BW * FP)
-    if FP == F:
-        col = wblk * BW * F + o_e
-        m_col = col < W
-    else:
-        col = (wblk * BW + o_e // FP) * F + o_e % FP
-        m_col = (o_e % FP < F) & (col < W)
+    m_x = m_h[:, None] & m_w[None, :]
+    o_x = (o_h * WL)[:, None] + o_w[None, :]
     m_y = m_h[:, None] & m_col[None, :]
 
     for r in tl.static_range(NR):
@@ -130,7 +120,7 @@ def channel_to_space_dup_kernel(
             b_rep = tl.where(m_n[None, None, :], b_x[:, :, None], b_rep)
         b_y = tl.reshape(b_rep, [BH, BW * FP]) * scale
         t = bg * NR + r
-        o_y = (t // F) * HL * F * W + ((o_h * F + t % F) * W)[:, None] + col[None, :]
+        o_y = (t // F) * HL * F * W + ((o_h * F + (t % F).to(tl.int32)) * W)[:, None] + col[None, :]
         if HAS_RES:
             b_y += tl.load(res_ptr + o_y, mask=m_y, other=0.0).to(acc_ty)
         tl.store(y_ptr + o_y, b_y.to(y_ptr.dtype.element_ty), mask=m_y)
