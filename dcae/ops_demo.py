@@ -29,6 +29,11 @@ def cases():
     yield "channel_to_space_dup 128->64", dk.channel_to_space_dup, reference.channel_to_space_dup, (up_in,), (64, 2)
     yield ("channel_to_space_dup+add 128->64", dk.channel_to_space_dup, reference.channel_to_space_dup,
            (up_in, x), (64, 2))
+    qkv = torch.randn(2, 8 * 96, SIZE // 2, SIZE // 2, device=DEVICE, dtype=DTYPE)
+    yield "relu_linear_attention 8 heads d32", dk.relu_linear_attention, reference.relu_linear_attention, (qkv,), (32,)
+    tokens = tuple(torch.randn(2, SIZE * 4, 8, 64, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    yield ("relu_linear_attention_tokens d64", dk.relu_linear_attention_tokens,
+           reference.relu_linear_attention_tokens, tokens, ())
 
 
 def timed(fn, repeats=3 if DEVICE == "cuda" else 1):

@@ -1,42 +1,58 @@
 """Thin nn.Module wrappers around the ops."""
 from torch import nn
 
+from .checks import check_positive_int
+from .linear_attention import relu_linear_attention
 from .shortcut import channel_to_space_dup, space_to_channel_avg
 
 
-class SpaceToChannelAvg(nn.Module):
+class _Shortcut(nn.Module):
+    """A DC-AE shortcut op with fixed channel counts and factor; ``forward(x, residual=None)``."""
+
+    def __init__(self, op, in_channels: int, out_channels: int, factor: int):
+        super().__init__()
+        low, high = (out_channels, in_channels) if op is space_to_channel_avg else (in_channels, out_channels)
+        if high * factor * factor % low:
+            raise ValueError(f"{low} channels (low-res side) must divide {high} channels * factor^2 = "
+                             f"{high * factor * factor}")
+        self.op, self.in_channels, self.out_channels, self.factor = op, in_channels, out_channels, factor
+
+    def forward(self, x, residual=None):
+        if x.dim() == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have {self.in_channels} channels, got {x.shape[1]}")
+        return self.op(x, self.out_channels, self.factor, residual)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, factor={self.factor}"
+
+
+class SpaceToChannelAvg(_Shortcut):
     """DC-AE downsample shortcut: (B, in_channels, H, W) -> (B, out_channels, H/f, W/f), + residual if given."""
 
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2):
-        super().__init__()
-        if in_channels * factor * factor % out_channels:
-            raise ValueError(f"out_channels={out_channels} must divide in_channels*factor^2 = "
-                             f"{in_channels * factor * factor}")
-        self.in_channels, self.out_channels, self.factor = in_channels, out_channels, factor
-
-    def forward(self, x, residual=None):
-        if x.dim() == 4 and x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have {self.in_channels} channels, got {x.shape[1]}")
-        return space_to_channel_avg(x, self.out_channels, self.factor, residual)
-
-    def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, factor={self.factor}"
+        super().__init__(space_to_channel_avg, in_channels, out_channels, factor)
 
 
-class ChannelToSpaceDup(nn.Module):
+class ChannelToSpaceDup(_Shortcut):
     """DC-AE upsample shortcut: (B, in_channels, H, W) -> (B, out_channels, H*f, W*f), + residual if given."""
 
     def __init__(self, in_channels: int, out_channels: int, factor: int = 2):
-        super().__init__()
-        if out_channels * factor * factor % in_channels:
-            raise ValueError(f"in_channels={in_channels} must divide out_channels*factor^2 = "
-                             f"{out_channels * factor * factor}")
-        self.in_channels, self.out_channels, self.factor = in_channels, out_channels, factor
+        super().__init__(channel_to_space_dup, in_channels, out_channels, factor)
 
-    def forward(self, x, residual=None):
-        if x.dim() == 4 and x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have {self.in_channels} channels, got {x.shape[1]}")
-        return channel_to_space_dup(x, self.out_channels, self.factor, residual)
+
+class ReLULinearAttention(nn.Module):
+    """LiteMLA's ReLU linear attention: qkv (B, heads*3*head_dim, H, W) -> (B, heads*head_dim, H, W).
+
+    qkv in DC-AE's per-head interleaved layout (per head: q, k, v blocks of head_dim channels).
+    """
+
+    def __init__(self, head_dim: int = 32, eps: float = 1e-15):
+        super().__init__()
+        check_positive_int("head_dim", head_dim)
+        self.head_dim, self.eps = head_dim, eps
+
+    def forward(self, qkv):
+        return relu_linear_attention(qkv, self.head_dim, self.eps)
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, factor={self.factor}"
+        return f"head_dim={self.head_dim}, eps={self.eps}"

@@ -5,8 +5,10 @@ import torch
 POISON = False
 
 
-def new_output(like: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """An uninitialised (or, under POISON, NaN-filled) tensor of ``shape`` with ``like``'s dtype and device."""
+def new_output(like: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised (under POISON, NaN-filled) tensor of ``shape`` on ``like``'s device, in ``dtype``
+    (default: ``like``'s)."""
+    dtype = dtype or like.dtype
     if POISON:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return like.new_empty(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return like.new_empty(shape, dtype=dtype)

@@ -24,3 +24,40 @@ def channel_to_space_dup(x: torch.Tensor, out_channels: int, factor: int = 2,
     y = repeat(x, "b c h w -> b (c r) h w", r=r)
     y = rearrange(y, "b (c i j) h w -> b c (h i) (w j)", i=factor, j=factor)
     return y if residual is None else y + residual
+
+
+def _relu_linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """q, k, v: (..., D, N) channels first, already in the accumulation dtype -> (..., D, N).
+
+    Linear form ([v; 1] relu(k)^T) relu(q), rows :D over row D + eps; the authors' quadratic form
+    v (relu(k)^T relu(q) / (column sums + eps)) when N <= D. Both are the same function.
+    """
+    q, k = torch.relu(q), torch.relu(k)
+    if q.shape[-1] <= q.shape[-2]:
+        att = k.transpose(-1, -2) @ q  # (N keys, N queries)
+        return v @ (att / (att.sum(-2, keepdim=True) + eps))
+    vk = torch.nn.functional.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(-1, -2)  # (D+1, D)
+    out = vk @ q
+    return out[..., :-1, :] / (out[..., -1:, :] + eps)
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def relu_linear_attention(qkv: torch.Tensor, head_dim: int = 32, eps: float = 1e-15) -> torch.Tensor:
+    """qkv: (B, heads*3*head_dim, H, W), per head q, k, v blocks -> (B, heads*head_dim, H, W).
+
+    Per head, N = H*W: out = ([v; 1] relu(k)^T) relu(q), rows :D divided by row D + eps, in fp32 (diffusers).
+    """
+    q, k, v = rearrange(qkv.to(_accumulation_dtype(qkv)), "b (h p d) x y -> p b h d (x y)", p=3, d=head_dim)
+    out = _relu_linear_attention_heads(q, k, v, eps)
+    return rearrange(out, "b h d (x y) -> b (h d) x y", x=qkv.shape[2], y=qkv.shape[3]).to(qkv.dtype)
+
+
+def relu_linear_attention_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 eps: float = 1e-15) -> torch.Tensor:
+    """q, k, v: (B, N, heads, head_dim) -> (B, N, heads, head_dim); the same math per (batch, head)."""
+    dtype = q.dtype
+    q, k, v = (rearrange(t.to(_accumulation_dtype(t)), "b n h d -> b h d n") for t in (q, k, v))
+    return rearrange(_relu_linear_attention_heads(q, k, v, eps), "b h d n -> b n h d").to(dtype)

@@ -14,13 +14,14 @@ bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "
 out = []
 for spec in json.loads(sys.argv[1]):
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    fn = getattr(kernel, "fn", kernel)  # an autotuned kernel wraps the JITFunction
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     names = fn.arg_names
     signature = {n: spec["signature"].get(n, "constexpr") for n in names}
     constexprs = {(names.index(n),): v for n, v in spec["constexprs"].items()}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.get("aligned", [])}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.get("num_warps", 4)})
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)})
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"]); f.flush()
@@ -35,7 +36,7 @@ print(json.dumps(out))
 
 def compile_sm90(specs: list[dict]) -> list[dict]:
     """For each spec {module, kernel, signature: {arg: "*bf16" | "i32" | "fp32"}, constexprs: {arg: value},
-    aligned: [args], num_warps}: the global load/store instruction counts, registers and stack bytes."""
+    aligned: [args], num_warps, num_stages}: the global load/store instruction counts, registers and stack bytes."""
     done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(specs)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

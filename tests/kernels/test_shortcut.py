@@ -136,7 +136,7 @@ def test_module_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="must divide"):
         SpaceToChannelAvg(3, 5, 2)
     with pytest.raises(ValueError, match="must divide"):
-        ChannelToSpaceDup(5, 3, 1)
+        ChannelToSpaceDup(5, 3, 1)  # 5 input channels do not divide 3 outputs
 
 
 def test_compiles_without_graph_breaks_on_reference(monkeypatch):
