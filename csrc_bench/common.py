@@ -7,8 +7,8 @@ import torch
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                                   reason="benchmarks need a CUDA GPU; this machine has none")
-ROUND_MS = 25.0  # each timed round runs the function enough times to last about this long
-ROUNDS = 10
+ROUND_MS = 20.0  # each timed round runs the function enough times to last about this long
+ROUNDS = 8
 
 
 def cuda_timer() -> float:

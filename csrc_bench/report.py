@@ -11,13 +11,34 @@ HERE = Path(__file__).parent
 BASELINES = ("eager", "compile", "cuda")
 
 
-def run_benchmarks(json_path: Path, select: str | None) -> int:
-    """pytest-benchmark over csrc_bench/, writing its JSON to ``json_path``; returns pytest's exit code."""
-    cmd = [sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
-           "-o", "addopts=", f"--benchmark-json={json_path}", "--benchmark-columns=median,rounds,iterations"]
-    if select:
-        cmd += ["-k", select]
-    return subprocess.call(cmd, cwd=HERE.parent)
+def run_benchmarks(out_dir: Path, select: str | None, timeout: float | None) -> list[Path]:
+    """pytest-benchmark over each csrc_bench/test_bench_*.py in its own process (so one that fails or runs out
+    of time loses only its own rows); returns the JSON files written."""
+    written = []
+    for module in sorted(HERE.glob("test_bench_*.py")):
+        json_path = out_dir / f"{module.stem}.json"
+        cmd = [sys.executable, "-m", "pytest", str(module), "-q", "-p", "no:cacheprovider",
+               "--import-mode=importlib", "-o", "addopts=", f"--benchmark-json={json_path}",
+               "--benchmark-columns=median,rounds,iterations", *(["-k", select] if select else [])]
+        try:
+            subprocess.run(cmd, cwd=HERE.parent, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{module.name}: ran past {timeout} s, its rows are missing")
+        if json_path.exists():
+            written.append(json_path)
+    return written
+
+
+def merge(paths: list[Path]) -> dict:
+    """One pytest-benchmark JSON holding the benchmarks of all ``paths``."""
+    merged = None
+    for path in paths:
+        data = json.loads(path.read_text())
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
+    return merged
 
 
 def load_rows(bench_json: dict) -> list[dict]:
@@ -113,20 +134,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("command", choices=["report"])
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
     parser.add_argument("-k", dest="select", help="pytest -k expression to run a subset")
-    parser.add_argument("--from-json", type=Path, help="re-make the report from a pytest-benchmark JSON")
+    parser.add_argument("--from-json", type=Path, nargs="+", help="re-make the report from pytest-benchmark JSONs")
+    parser.add_argument("--timeout", type=float, help="seconds each benchmark module may run")
     args = parser.parse_args(argv)
     if args.from_json:
-        bench_json = json.loads(args.from_json.read_text())
+        bench_json = merge(args.from_json)
     else:
         if not torch.cuda.is_available():
             print("csrc_bench needs a CUDA GPU and this machine has none: nothing measured.")
             return 0
         with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "raw.json"
-            code = run_benchmarks(raw, args.select)
-            if not raw.exists():
-                return code or 1
-            bench_json = json.loads(raw.read_text())
+            paths = run_benchmarks(Path(tmp), args.select, args.timeout)
+            if not paths:
+                print("no benchmark finished: nothing to report")
+                return 1
+            bench_json = merge(paths)
         bench_json.setdefault("machine_info", {}).update(torch=torch.__version__,
                                                          triton=__import__("triton").__version__)
     md = write_report(bench_json, args.out)

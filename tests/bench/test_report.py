@@ -29,9 +29,11 @@ def test_rows_carry_bandwidth_and_speedups():
 
 
 def test_report_files_from_json(tmp_path, capsys):
-    raw = tmp_path / "raw.json"
-    raw.write_text(json.dumps(FAKE))
-    assert main(["report", "--from-json", str(raw), "--out", str(tmp_path / "out")]) == 0
+    """Two pytest-benchmark JSONs (as the per-module runs write them) merge into one report."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(dict(FAKE, benchmarks=FAKE["benchmarks"][:2])))
+    second.write_text(json.dumps(dict(FAKE, benchmarks=FAKE["benchmarks"][2:])))
+    assert main(["report", "--from-json", str(first), str(second), "--out", str(tmp_path / "out")]) == 0
     stem = tmp_path / "out" / "2026-11-26-nvidia-h200"
     md = stem.with_suffix(".md").read_text()
     assert "| down | B8 | fwd | triton | 0.4000 | 3750 | 93.8 | 10.00 | 5.00 | 1.25 |  |" in md

@@ -230,7 +230,7 @@ def test_factor_too_large():
 # ----------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("direction", ["down", "up"])
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(case=cases([torch.bfloat16, torch.float16, torch.float32]))
 def test_matches_reference_cuda(direction, case):
     check_against_reference(direction, case)
