@@ -40,6 +40,12 @@ _MIN_CHUNK = max(c.kwargs["BLOCK"] for c in _CONFIGS) // 16
 
 
 @triton.jit
+def _relu(x):
+    """max(x, 0) in x's own dtype (Triton 3.6's tl.maximum returns bf16 tiles as fp32, which tl.dot refuses)."""
+    return tl.where(x > 0, x, tl.zeros_like(x))
+
+
+@triton.jit
 def _head(ptr, i_bh, N, H, D: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr, TOKENS: tl.constexpr):
     """Pointer to token 0, channel 0 of head ``i_bh`` (= batch * H + head) in one of the two layouts.
 
@@ -100,7 +106,7 @@ def relu_linear_attention_fwd_state_kernel(
     b_z = tl.zeros([BD], dtype=acc_ty)
     for i_n in range(i_c * CHUNK, tl.minimum(N, i_c * CHUNK + CHUNK), BN):
         o_t, m_t = _tile(i_n, N, H, D, BN, BD, TOKENS)
-        b_k = tl.maximum(tl.load(p_k + o_t, mask=m_t, other=0.0), 0.0)
+        b_k = _relu(tl.load(p_k + o_t, mask=m_t, other=0.0))
         b_v = tl.load(p_v + o_t, mask=m_t, other=0.0)
         # [BD, BN] @ [BN, BD] -> [BD, BD]
         b_a = tl.dot(tl.trans(b_v), b_k, b_a, input_precision=PREC)
@@ -123,7 +129,7 @@ def relu_linear_attention_fwd_kernel(
     b_at, b_z = _state(s_ptr + i_bh * (D + 1) * D, D, BD, True)
     for i_n in range(i_c * CHUNK, tl.minimum(N, i_c * CHUNK + CHUNK), BN):
         o_t, m_t = _tile(i_n, N, H, D, BN, BD, TOKENS)
-        b_q = tl.maximum(tl.load(p_q + o_t, mask=m_t, other=0.0), 0.0).to(acc_ty)
+        b_q = _relu(tl.load(p_q + o_t, mask=m_t, other=0.0)).to(acc_ty)
         # [BN, BD] @ [BD, BD] -> [BN, BD]
         b_num = tl.dot(b_q, b_at, input_precision=PREC)
         b_den = tl.sum(b_q * b_z[None, :], 1) + eps
@@ -149,7 +155,7 @@ def relu_linear_attention_bwd_dq_kernel(
     for i_n in range(i_c * CHUNK, tl.minimum(N, i_c * CHUNK + CHUNK), BN):
         o_t, m_t = _tile(i_n, N, H, D, BN, BD, TOKENS)
         b_q = tl.load(p_q + o_t, mask=m_t, other=0.0)
-        b_qr = tl.maximum(b_q, 0.0).to(acc_ty)
+        b_qr = _relu(b_q).to(acc_ty)
         b_do = tl.load(p_do + o_t, mask=m_t, other=0.0).to(acc_ty)
         b_den = tl.sum(b_qr * b_z[None, :], 1) + eps
         # g = A^T do: [BN, BD] @ [BD, BD] -> [BN, BD]
@@ -185,7 +191,7 @@ def relu_linear_attention_bwd_dkv_kernel(
         b_v = tl.load(p_v + o_t, mask=m_t, other=0.0).to(acc_ty)
         # [BN, BD] @ [BD, BD] -> [BN, BD]
         b_dk = tl.where(b_k > 0, tl.dot(b_v, b_da, input_precision=PREC) + b_dz[None, :], 0.0)
-        b_dv = tl.dot(tl.maximum(b_k, 0.0).to(acc_ty), b_dat, input_precision=PREC)
+        b_dv = tl.dot(_relu(b_k).to(acc_ty), b_dat, input_precision=PREC)
         tl.store(p_dk + o_t, b_dk.to(dk_ptr.dtype.element_ty), mask=m_t)
         tl.store(p_dv + o_t, b_dv.to(dv_ptr.dtype.element_ty), mask=m_t)
 
@@ -201,8 +207,8 @@ def relu_linear_attention_quadratic_fwd_kernel(
     """
     i_bh = tl.program_id(0).to(tl.int64)
     o_t, m_t = _tile(0, N, H, D, BN, BD, TOKENS)
-    b_q = tl.maximum(tl.load(_head(q_ptr, i_bh, N, H, D, 0, 3, TOKENS) + o_t, mask=m_t, other=0.0), 0.0)
-    b_k = tl.maximum(tl.load(_head(k_ptr, i_bh, N, H, D, 1, 3, TOKENS) + o_t, mask=m_t, other=0.0), 0.0)
+    b_q = _relu(tl.load(_head(q_ptr, i_bh, N, H, D, 0, 3, TOKENS) + o_t, mask=m_t, other=0.0))
+    b_k = _relu(tl.load(_head(k_ptr, i_bh, N, H, D, 1, 3, TOKENS) + o_t, mask=m_t, other=0.0))
     b_v = tl.load(_head(v_ptr, i_bh, N, H, D, 2, 3, TOKENS) + o_t, mask=m_t, other=0.0)
     # [BN, BD] @ [BD, BN] -> [BN, BN]
     b_att = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
@@ -232,7 +238,7 @@ def relu_linear_attention_quadratic_bwd_kernel(
     b_k = tl.load(_head(k_ptr, i_bh, N, H, D, 1, 3, TOKENS) + o_t, mask=m_t, other=0.0)
     b_v = tl.load(_head(v_ptr, i_bh, N, H, D, 2, 3, TOKENS) + o_t, mask=m_t, other=0.0)
     b_do = tl.load(_head(do_ptr, i_bh, N, H, D, 0, 1, TOKENS) + o_t, mask=m_t, other=0.0)
-    b_qr, b_kr = tl.maximum(b_q, 0.0), tl.maximum(b_k, 0.0)
+    b_qr, b_kr = _relu(b_q), _relu(b_k)
     # [BN, BD] @ [BD, BN] -> [BN, BN] (keys x queries)
     b_s = tl.dot(b_kr, tl.trans(b_qr), input_precision=PREC)
     acc_ty: tl.constexpr = b_s.dtype

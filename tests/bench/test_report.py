@@ -6,8 +6,8 @@ from csrc_bench.report import load_rows, main
 
 def bench(kernel, provider, mode, seconds, nbytes, flops=None):
     return {"extra_info": dict(kernel=kernel, provider=provider, mode=mode, shape="B8", bytes=nbytes, flops=flops,
-                               gpu="NVIDIA H200"),
-            "stats": {"median": seconds, "iqr": seconds / 100, "rounds": 10}}
+                               device_ms=seconds * 1e3, gpu="NVIDIA H200"),
+            "stats": {"median": 1.5 * seconds, "iqr": seconds / 100, "rounds": 10}}
 
 
 FAKE = {"datetime": "2026-11-26T10:00:00", "machine_info": {"torch": "2.11", "triton": "3.6"}, "benchmarks": [
@@ -36,7 +36,7 @@ def test_report_files_from_json(tmp_path, capsys):
     assert main(["report", "--from-json", str(first), str(second), "--out", str(tmp_path / "out")]) == 0
     stem = tmp_path / "out" / "2026-11-26-nvidia-h200"
     md = stem.with_suffix(".md").read_text()
-    assert "| down | B8 | fwd | triton | 0.4000 | 3750 | 93.8 | 10.00 | 5.00 | 1.25 |  |" in md
+    assert "| down | B8 | fwd | triton | 0.4000 | 0.6000 | 3750 | 93.8 | 10.00 | 5.00 | 1.25 |  |" in md
     assert json.loads(stem.with_suffix(".json").read_text())["meta"]["gpu"] == "NVIDIA H200"
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
