@@ -41,7 +41,7 @@ _MIN_CHUNK = max(c.kwargs["BLOCK"] for c in _CONFIGS) // 16
 
 @triton.jit
 def _relu(x):
-    """max(x, 0) in x's own dtype (Triton 3.6's tl.maximum returns bf16 tiles as fp32, which tl.dot refuses)."""
+    """max(x, 0) in x's own dtype, for tl.dot operands (Triton 3.6's tl.maximum turns bf16 into fp32)."""
     return tl.where(x > 0, x, tl.zeros_like(x))
 
 
@@ -129,7 +129,7 @@ def relu_linear_attention_fwd_kernel(
     b_at, b_z = _state(s_ptr + i_bh * (D + 1) * D, D, BD, True)
     for i_n in range(i_c * CHUNK, tl.minimum(N, i_c * CHUNK + CHUNK), BN):
         o_t, m_t = _tile(i_n, N, H, D, BN, BD, TOKENS)
-        b_q = _relu(tl.load(p_q + o_t, mask=m_t, other=0.0)).to(acc_ty)
+        b_q = tl.maximum(tl.load(p_q + o_t, mask=m_t, other=0.0).to(acc_ty), 0.0)
         # [BN, BD] @ [BD, BD] -> [BN, BD]
         b_num = tl.dot(b_q, b_at, input_precision=PREC)
         b_den = tl.sum(b_q * b_z[None, :], 1) + eps
@@ -155,7 +155,7 @@ def relu_linear_attention_bwd_dq_kernel(
     for i_n in range(i_c * CHUNK, tl.minimum(N, i_c * CHUNK + CHUNK), BN):
         o_t, m_t = _tile(i_n, N, H, D, BN, BD, TOKENS)
         b_q = tl.load(p_q + o_t, mask=m_t, other=0.0)
-        b_qr = _relu(b_q).to(acc_ty)
+        b_qr = tl.maximum(b_q.to(acc_ty), 0.0)
         b_do = tl.load(p_do + o_t, mask=m_t, other=0.0).to(acc_ty)
         b_den = tl.sum(b_qr * b_z[None, :], 1) + eps
         # g = A^T do: [BN, BD] @ [BD, BD] -> [BN, BD]
@@ -191,7 +191,7 @@ def relu_linear_attention_bwd_dkv_kernel(
         b_v = tl.load(p_v + o_t, mask=m_t, other=0.0).to(acc_ty)
         # [BN, BD] @ [BD, BD] -> [BN, BD]
         b_dk = tl.where(b_k > 0, tl.dot(b_v, b_da, input_precision=PREC) + b_dz[None, :], 0.0)
-        b_dv = tl.dot(_relu(b_k).to(acc_ty), b_dat, input_precision=PREC)
+        b_dv = tl.dot(tl.maximum(b_k.to(acc_ty), 0.0), b_dat, input_precision=PREC)
         tl.store(p_dk + o_t, b_dk.to(dk_ptr.dtype.element_ty), mask=m_t)
         tl.store(p_dv + o_t, b_dv.to(dv_ptr.dtype.element_ty), mask=m_t)
 
