@@ -82,6 +82,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROVIDER_COLORS = {"triton": "tab:red", "compile": "tab:blue", "eager": "tab:green", "cuda": "tab:orange"}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """One panel per kernel: GB/s per (shape, mode), a bar per provider, the copy bandwidth as a line."""
     import matplotlib
@@ -90,24 +93,26 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     copy = [r for r in rows if r["kernel"] == "copy"]
     kernels = sorted({r["kernel"] for r in rows} - {"copy"})
-    fig, axes = plt.subplots(len(kernels), 1, figsize=(12, 3.2 * len(kernels)), squeeze=False)
+    fig, axes = plt.subplots(len(kernels), 1, figsize=(14, 4.2 * len(kernels)), squeeze=False)
     for ax, kernel in zip(axes[:, 0], kernels):
         mine = [r for r in rows if r["kernel"] == kernel]
         cases = sorted({(r["shape"], r["mode"]) for r in mine})
-        providers = sorted({r["provider"] for r in mine})
+        providers = [p for p in PROVIDER_COLORS if any(r["provider"] == p for r in mine)]
         width = 0.8 / len(providers)
         for i, provider in enumerate(providers):
             gbps = {(r["shape"], r["mode"]): r["GB/s"] for r in mine if r["provider"] == provider}
-            ax.bar([c + i * width for c in range(len(cases))], [gbps.get(c, 0) for c in cases], width, label=provider)
+            ax.bar([c + i * width for c in range(len(cases))], [gbps.get(c, 0) for c in cases], width,
+                   label=provider, color=PROVIDER_COLORS[provider])
         if copy:
             ax.axhline(copy[0]["GB/s"], color="k", ls="--", lw=1, label="device copy")
-        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], [f"{s}\n{m}" for s, m in cases], fontsize=7)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], [f"{s}  {m}" for s, m in cases],
+                      rotation=25, ha="right", fontsize=7)
         ax.set_ylabel("GB/s")
-        ax.set_title(kernel, fontsize=9)
-        ax.legend(fontsize=7, ncol=len(providers) + 1)
+        ax.set_title(kernel, fontsize=10)
+        ax.legend(fontsize=7, ncol=len(providers) + 1, loc="upper left")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -4,6 +4,7 @@ Down, ``space_to_channel_avg``: pixel_unshuffle by ``f`` (unshuffled channel ``u
 mean of each group of ``G = C*f*f/C_out`` consecutive unshuffled channels. Up, ``channel_to_space_dup``:
 repeat every channel ``R = C_out*f*f/C`` times, then pixel_shuffle by ``f``.
 
+``scale`` is cast to the accumulation dtype in the kernels (torch.compile passes Python floats as fp64).
 Each op is the other's adjoint: d(down)/dx = up(dy) / G and d(up)/dx = down(dy) * R, so the two kernels
 below serve forward and backward. Both see the high-resolution tensor as rows of the "unshuffled" index
 ``t = c*f + i`` (channel, sub-row) and move whole row segments, so loads and stores along W stay contiguous.
@@ -83,7 +84,7 @@ def space_to_channel_avg_kernel(
             m_u = (o_u >= n * GROUP) & (o_u < (n + 1) * GROUP)
             b_x = tl.where(m_u[None, :], b_x, 0.0)
             b_acc += tl.sum(tl.reshape(b_x, [BH, BW, FP]), axis=2)
-        b_y = b_acc * (scale / GROUP)
+        b_y = b_acc * (scale.to(acc_ty) / GROUP)
         o_y = (bg * NC + n) * HL * WL + (o_h * WL)[:, None] + o_w[None, :]
         if HAS_RES:
             b_y += tl.load(res_ptr + o_y, mask=m_y, other=0.0).to(acc_ty)
@@ -118,7 +119,7 @@ def channel_to_space_dup_kernel(
             b_x = tl.load(x_ptr + (bg * NC + n) * HL * WL + o_x, mask=m_x, other=0.0).to(acc_ty)
             m_n = (r * F + o_j) // GROUP == n
             b_rep = tl.where(m_n[None, None, :], b_x[:, :, None], b_rep)
-        b_y = tl.reshape(b_rep, [BH, BW * FP]) * scale
+        b_y = tl.reshape(b_rep, [BH, BW * FP]) * scale.to(acc_ty)
         t = bg * NR + r
         o_y = (t // F) * HL * F * W + ((o_h * F + (t % F).to(tl.int32)) * W)[:, None] + col[None, :]
         if HAS_RES:

@@ -19,9 +19,13 @@ for spec in json.loads(sys.argv[1]):
     signature = {n: spec["signature"].get(n, "constexpr") for n in names}
     constexprs = {(names.index(n),): v for n, v in spec["constexprs"].items()}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.get("aligned", [])}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)})
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": spec.get("num_warps", 4), "num_stages": spec.get("num_stages", 3)})
+    except Exception as e:  # report it against this spec; the others still compile
+        out.append(dict(error=(str(e).strip().splitlines() or [repr(e)])[-1][:500]))
+        continue
     ptx = compiled.asm["ptx"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"]); f.flush()
@@ -36,7 +40,8 @@ print(json.dumps(out))
 
 def compile_sm90(specs: list[dict]) -> list[dict]:
     """For each spec {module, kernel, signature: {arg: "*bf16" | "i32" | "fp32"}, constexprs: {arg: value},
-    aligned: [args], num_warps, num_stages}: the global load/store instruction counts, registers and stack bytes."""
+    aligned: [args], num_warps, num_stages}: the global load/store instruction counts, registers and stack bytes,
+    or {error: the compiler's message}."""
     done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(specs)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
