@@ -133,7 +133,7 @@ def relu_linear_attention_fwd_kernel(
         b_q = tl.maximum(tl.load(p_q + o_t, mask=m_t, other=0.0).to(acc_ty), 0.0)
         # [BN, BD] @ [BD, BD] -> [BN, BD]
         b_num = tl.dot(b_q, b_at, input_precision=PREC)
-        b_den = tl.sum(b_q * b_z[None, :], 1) + eps.to(acc_ty)
+        b_den = tl.sum(b_q * b_z[None, :], 1) + tl.cast(eps, acc_ty)
         tl.store(p_o + o_t, (b_num / b_den[:, None]).to(o_ptr.dtype.element_ty), mask=m_t)
 
 
@@ -158,7 +158,7 @@ def relu_linear_attention_bwd_dq_kernel(
         b_q = tl.load(p_q + o_t, mask=m_t, other=0.0)
         b_qr = tl.maximum(b_q.to(acc_ty), 0.0)
         b_do = tl.load(p_do + o_t, mask=m_t, other=0.0).to(acc_ty)
-        b_den = tl.sum(b_qr * b_z[None, :], 1) + eps.to(acc_ty)
+        b_den = tl.sum(b_qr * b_z[None, :], 1) + tl.cast(eps, acc_ty)
         # g = A^T do: [BN, BD] @ [BD, BD] -> [BN, BD]
         b_g = tl.dot(b_do, b_a, input_precision=PREC)
         b_dden = -tl.sum(b_qr * b_g, 1) / (b_den * b_den)
@@ -213,7 +213,7 @@ def relu_linear_attention_quadratic_fwd_kernel(
     b_v = tl.load(_head(v_ptr, i_bh, N, H, D, 2, 3, TOKENS) + o_t, mask=m_t, other=0.0)
     # [BN, BD] @ [BD, BN] -> [BN, BN]
     b_att = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-    b_att = b_att / (tl.sum(b_att, 0) + eps.to(b_att.dtype))[None, :]
+    b_att = b_att / (tl.sum(b_att, 0) + tl.cast(eps, b_att.dtype))[None, :]
     # [BN, BN] @ [BN, BD] -> [BN, BD]
     b_o = tl.dot(tl.trans(b_att), b_v.to(b_att.dtype), input_precision=PREC)
     tl.store(_head(o_ptr, i_bh, N, H, D, 0, 1, TOKENS) + o_t, b_o.to(o_ptr.dtype.element_ty), mask=m_t)
@@ -243,7 +243,7 @@ def relu_linear_attention_quadratic_bwd_kernel(
     # [BN, BD] @ [BD, BN] -> [BN, BN] (keys x queries)
     b_s = tl.dot(b_kr, tl.trans(b_qr), input_precision=PREC)
     acc_ty: tl.constexpr = b_s.dtype
-    b_c = tl.sum(b_s, 0) + eps.to(acc_ty)
+    b_c = tl.sum(b_s, 0) + tl.cast(eps, acc_ty)
     b_att = b_s / b_c[None, :]
     b_datt = tl.dot(b_v.to(acc_ty), tl.trans(b_do.to(acc_ty)), input_precision=PREC)
     b_ds = (b_datt - tl.sum(b_datt * b_att, 0)[None, :]) / b_c[None, :]

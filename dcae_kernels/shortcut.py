@@ -4,10 +4,10 @@ Down, ``space_to_channel_avg``: pixel_unshuffle by ``f`` (unshuffled channel ``u
 mean of each group of ``G = C*f*f/C_out`` consecutive unshuffled channels. Up, ``channel_to_space_dup``:
 repeat every channel ``R = C_out*f*f/C`` times, then pixel_shuffle by ``f``.
 
-``scale`` is cast to the accumulation dtype in the kernels (torch.compile passes Python floats as fp64).
 Each op is the other's adjoint: d(down)/dx = up(dy) / G and d(up)/dx = down(dy) * R, so the two kernels
 below serve forward and backward. Both see the high-resolution tensor as rows of the "unshuffled" index
 ``t = c*f + i`` (channel, sub-row) and move whole row segments, so loads and stores along W stay contiguous.
+``scale`` is cast to the accumulation dtype in the kernels (torch.compile passes Python floats as fp64).
 """
 import math
 
@@ -28,6 +28,7 @@ _CONFIGS = [triton.Config({"BLOCK": 1024})] if INTERPRET else [
     triton.Config({"BLOCK": 8192}, num_warps=8),
 ]
 _MIN_BLOCK = min(c.kwargs["BLOCK"] for c in _CONFIGS)
+MAX_FACTOR = 1024  # <= _MIN_BLOCK: a program's row segment (BW * next_pow2(f) elements) fits in every BLOCK
 _KEY = ["HL", "WL", "F", "GROUP", "HAS_RES"]
 
 
@@ -84,7 +85,7 @@ def space_to_channel_avg_kernel(
             m_u = (o_u >= n * GROUP) & (o_u < (n + 1) * GROUP)
             b_x = tl.where(m_u[None, :], b_x, 0.0)
             b_acc += tl.sum(tl.reshape(b_x, [BH, BW, FP]), axis=2)
-        b_y = b_acc * (scale.to(acc_ty) / GROUP)
+        b_y = b_acc * (tl.cast(scale, acc_ty) / GROUP)
         o_y = (bg * NC + n) * HL * WL + (o_h * WL)[:, None] + o_w[None, :]
         if HAS_RES:
             b_y += tl.load(res_ptr + o_y, mask=m_y, other=0.0).to(acc_ty)
@@ -119,7 +120,7 @@ def channel_to_space_dup_kernel(
             b_x = tl.load(x_ptr + (bg * NC + n) * HL * WL + o_x, mask=m_x, other=0.0).to(acc_ty)
             m_n = (r * F + o_j) // GROUP == n
             b_rep = tl.where(m_n[None, None, :], b_x[:, :, None], b_rep)
-        b_y = tl.reshape(b_rep, [BH, BW * FP]) * scale.to(acc_ty)
+        b_y = tl.reshape(b_rep, [BH, BW * FP]) * tl.cast(scale, acc_ty)
         t = bg * NR + r
         o_y = (t // F) * HL * F * W + ((o_h * F + (t % F).to(tl.int32)) * W)[:, None] + col[None, :]
         if HAS_RES:
@@ -141,7 +142,7 @@ def _launch(kernel, x: torch.Tensor, residual, y: torch.Tensor, group: int, fact
     fp = triton.next_power_of_2(factor)
     bw = min(triton.next_power_of_2(wl), max(1, _MIN_BLOCK // fp))
     n_programs = batch * (c_low // channels) * triton.cdiv(wl, bw)
-    grid = lambda meta: (n_programs * triton.cdiv(hl, max(1, meta["BLOCK"] // (bw * fp))),)  # noqa: E731
+    grid = lambda meta: (n_programs * triton.cdiv(hl, meta["BLOCK"] // (bw * fp)),)  # noqa: E731
     wrap_triton(kernel)[grid](
         x, x if residual is None else residual, y, hl, wl, scale,
         F=factor, FP=fp, GROUP=group, BW=bw, HAS_RES=residual is not None,
@@ -204,9 +205,6 @@ def _channel_to_space_dup_backward(ctx, grad):
 
 _space_to_channel_avg_op.register_autograd(_space_to_channel_avg_backward, setup_context=_setup_context)
 _channel_to_space_dup_op.register_autograd(_channel_to_space_dup_backward, setup_context=_setup_context)
-
-MAX_FACTOR = _MIN_BLOCK
-
 
 def _check(x, out_channels, factor, residual, down: bool):
     check_float_tensor("x", x, 4, "(B, C, H, W)")
