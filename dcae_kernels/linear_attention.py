@@ -27,7 +27,7 @@ from torch.library import triton_op, wrap_triton
 from . import reference
 from .backend import INTERPRET, use_triton
 from .checks import check_float_tensor, check_like, check_positive_int
-from .outputs import new_output
+from .outputs import accumulation_dtype, new_output
 
 MAX_HEAD_DIM = 128
 # BLOCK = elements of one [BN, BD] token tile, so a program streams BN = BLOCK // BD tokens per step.
@@ -273,21 +273,17 @@ def _quadratic(n: int, d: int) -> dict | None:
     return dict(BN=max(16, triton.next_power_of_2(int(n))), num_warps=8 if d > 32 else 4)
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _forward(q, k, v, o, batch, heads, n, d, eps, tokens) -> torch.Tensor:
     """Write o from contiguous q, k, v; return the state (B, heads, d+1, d) in the accumulation dtype."""
     if o.numel() == 0:
-        return q.new_zeros(batch, heads, d + 1, d, dtype=_acc_dtype(q))
+        return q.new_zeros(batch, heads, d + 1, d, dtype=accumulation_dtype(q))
     grid, chunk, meta = _meta(q, n, batch * heads, d, tokens)
     if quadratic := _quadratic(n, d):
-        state = new_output(q, (batch * heads, d + 1, d), _acc_dtype(q))
+        state = new_output(q, (batch * heads, d + 1, d), accumulation_dtype(q))
         wrap_triton(relu_linear_attention_quadratic_fwd_kernel)[(batch * heads,)](
             q, k, v, o, state, eps, n, heads, **quadratic, **meta)
     else:
-        partials = new_output(q, (batch * heads, grid[0], d + 1, d), _acc_dtype(q))
+        partials = new_output(q, (batch * heads, grid[0], d + 1, d), accumulation_dtype(q))
         wrap_triton(relu_linear_attention_fwd_state_kernel)[grid](k, v, partials, n, heads, chunk, **meta)
         state = partials.sum(1)
         wrap_triton(relu_linear_attention_fwd_kernel)[grid](q, state, o, eps, n, heads, chunk, **meta)

@@ -12,3 +12,8 @@ def new_output(like: torch.Tensor, shape: tuple, dtype: torch.dtype | None = Non
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return like.new_empty(shape, dtype=dtype)
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the ops accumulate in for input ``x``: float64 for float64, float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -2,6 +2,8 @@
 import torch
 from einops import rearrange, reduce, repeat
 
+from .outputs import accumulation_dtype
+
 
 def space_to_channel_avg(x: torch.Tensor, out_channels: int, factor: int = 2,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,16 +43,12 @@ def _relu_linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out[..., :-1, :] / (out[..., -1:, :] + eps)
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def relu_linear_attention(qkv: torch.Tensor, head_dim: int = 32, eps: float = 1e-15) -> torch.Tensor:
     """qkv: (B, heads*3*head_dim, H, W), per head q, k, v blocks -> (B, heads*head_dim, H, W).
 
     Per head, N = H*W: out = ([v; 1] relu(k)^T) relu(q), rows :D divided by row D + eps, in fp32 (diffusers).
     """
-    q, k, v = rearrange(qkv.to(_accumulation_dtype(qkv)), "b (h p d) x y -> p b h d (x y)", p=3, d=head_dim)
+    q, k, v = rearrange(qkv.to(accumulation_dtype(qkv)), "b (h p d) x y -> p b h d (x y)", p=3, d=head_dim)
     out = _relu_linear_attention_heads(q, k, v, eps)
     return rearrange(out, "b h d (x y) -> b (h d) x y", x=qkv.shape[2], y=qkv.shape[3]).to(qkv.dtype)
 
@@ -59,5 +57,5 @@ def relu_linear_attention_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  eps: float = 1e-15) -> torch.Tensor:
     """q, k, v: (B, N, heads, head_dim) -> (B, N, heads, head_dim); the same math per (batch, head)."""
     dtype = q.dtype
-    q, k, v = (rearrange(t.to(_accumulation_dtype(t)), "b n h d -> b h d n") for t in (q, k, v))
+    q, k, v = (rearrange(t.to(accumulation_dtype(t)), "b n h d -> b h d n") for t in (q, k, v))
     return rearrange(_relu_linear_attention_heads(q, k, v, eps), "b h d n -> b n h d").to(dtype)

@@ -9,16 +9,12 @@ import dcae_kernels as dk
 from dcae_kernels import linear_attention, reference
 from dcae_kernels.nn import ReLULinearAttention
 
+from .device import CUDA, DEVICE, OPCHECK_UTILS
 from .sm90 import compile_sm90
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 # Relative to the largest reference magnitude. On a GPU the products with the fp32 state run on tf32 tensor
 # cores (fp32 inputs too); the interpreter multiplies in full fp32.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-3 if CUDA else 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-# The interpreter touches fake tensors' data, so on CPU only these two opcheck utils can run.
-OPCHECK_UTILS = (("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-                 if CUDA else ("test_schema", "test_autograd_registration"))
 
 
 @pytest.fixture
