@@ -1,0 +1,150 @@
+"""The DC-AE encoder, decoder and the `DCAE` model (weight-compatible with diffusers' AutoencoderDC)."""
+import torch
+from torch import nn
+
+import dcae_kernels
+
+from .blocks import DownBlock, RMSNorm2d, UpBlock, make_act, make_block
+from .config import DCAEConfig, get_config
+
+
+class Encoder(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] -> latents (B, latent_channels, H/r, W/r)."""
+
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        widths, depths = cfg.encoder_widths, cfg.encoder_depths
+        self.latent_channels, self.out_shortcut = cfg.latent_channels, cfg.encoder_out_shortcut
+        if depths[0] > 0:
+            self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        else:
+            self.conv_in = DownBlock(cfg.in_channels, widths[1], cfg.downsample_block_type, shortcut=False)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = [make_block(cfg.encoder_block_types[i], width, cfg.encoder_norms[i], cfg.encoder_acts[i],
+                                 cfg.attention_head_dim, cfg.encoder_qkv_multiscales[i]) for _ in range(depth)]
+            if i < len(widths) - 1 and depth > 0:
+                blocks.append(DownBlock(width, widths[i + 1], cfg.downsample_block_type, shortcut=True))
+            stages.append(nn.Sequential(*blocks))
+        self.down_blocks = nn.ModuleList(stages)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.latent_channels, 3, padding=1)
+
+    def project_out(self, h):
+        """Last stage's features (B, C, h, w) -> latents, with the factor-1 channel-averaging shortcut."""
+        out = self.conv_out(h)
+        return dcae_kernels.space_to_channel_avg(h, self.latent_channels, 1, out) if self.out_shortcut else out
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for stage in self.down_blocks:
+            h = stage(h)
+        return self.project_out(h)
+
+
+class Decoder(nn.Module):
+    """Latents (B, latent_channels, h, w) -> images (B, 3, h*r, w*r). ``up_blocks[i]`` runs at encoder stage
+    i's resolution; they run from the last (lowest resolution) to the first."""
+
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        widths, depths = cfg.decoder_widths, cfg.decoder_depths
+        self.width, self.in_shortcut = widths[-1], cfg.decoder_in_shortcut
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
+        stages = []
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = []
+            if i < len(widths) - 1 and depth > 0:
+                blocks.append(UpBlock(widths[i + 1], width, cfg.upsample_block_type, shortcut=True))
+            blocks += [make_block(cfg.decoder_block_types[i], width, cfg.decoder_norms[i], cfg.decoder_acts[i],
+                                  cfg.attention_head_dim, cfg.decoder_qkv_multiscales[i]) for _ in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+        self.up_blocks = nn.ModuleList(stages)
+        head = widths[0] if depths[0] > 0 else widths[1]
+        self.norm_out = RMSNorm2d(head)
+        self.conv_act = make_act(cfg.decoder_out_act)
+        if depths[0] > 0:
+            self.conv_out = nn.Conv2d(head, cfg.in_channels, 3, padding=1)
+        else:
+            self.conv_out = UpBlock(head, cfg.in_channels, cfg.upsample_block_type, shortcut=False)
+
+    def project_in(self, z):
+        """Latents -> the lowest-resolution features, with the factor-1 channel-duplicating shortcut."""
+        h = self.conv_in(z)
+        return dcae_kernels.channel_to_space_dup(z, self.width, 1, h) if self.in_shortcut else h
+
+    def project_out(self, h):
+        """First stage's features -> images."""
+        return self.conv_out(self.conv_act(self.norm_out(h)))
+
+    def forward(self, z):
+        h = self.project_in(z)
+        for stage in reversed(self.up_blocks):
+            h = stage(h)
+        return self.project_out(h)
+
+
+class DCAE(nn.Module):
+    """Deep Compression Autoencoder: ``encode`` (B, 3, H, W) in [-1, 1] -> unscaled latents
+    (B, c, H/r, W/r); ``decode`` back; ``forward`` = reconstruction. Multiply latents by ``scaling_factor``
+    before a diffusion model sees them."""
+
+    def __init__(self, config: DCAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @classmethod
+    def from_config(cls, name_or_config) -> "DCAE":
+        """A randomly initialised model of a preset name, a `DCAEConfig` or a dict of its fields."""
+        return cls(get_config(name_or_config))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "DCAE":
+        """Load a local diffusers AutoencoderDC folder, one of ours, or the authors' checkpoint (see
+        `dcae.models.pretrained.load`)."""
+        from .pretrained import load
+        return load(cls, path)
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` to the folder ``path``."""
+        from .pretrained import save
+        save(self, path)
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        return self.config.spatial_compression_ratio
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    def _check(self, x: torch.Tensor, channels: int, name: str, multiple: int):
+        if not torch.is_tensor(x) or x.dim() != 4:
+            raise ValueError(f"{name} must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.shape[1] != channels:
+            raise ValueError(f"{name} must have {channels} channels, got {x.shape[1]}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"{name}'s height and width {tuple(x.shape[2:])} must be multiples of {multiple} "
+                             "(pad the image to a multiple of the compression ratio)")
+
+    def encode(self, x: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None):
+        """(B, 3, H, W) in [-1, 1] -> (B, c, H/r, W/r). ``tile_size`` / ``tile_overlap`` in image pixels."""
+        self._check(x, self.config.in_channels, "x", self.spatial_compression_ratio)
+        if tile_size is None:
+            return self.encoder(x)
+        from ..tiling import tiled_encode
+        return tiled_encode(self, x, tile_size, tile_overlap)
+
+    def decode(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None):
+        """(B, c, h, w) -> (B, 3, h*r, w*r). ``tile_size`` / ``tile_overlap`` in image pixels."""
+        self._check(z, self.config.latent_channels, "z", 1)
+        if tile_size is None:
+            return self.decoder(z)
+        from ..tiling import tiled_decode
+        return tiled_decode(self, z, tile_size, tile_overlap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))

@@ -1,0 +1,154 @@
+"""DC-AE building blocks on the dcae_kernels ops. Parameter names follow diffusers' AutoencoderDC,
+except LiteMLA's single interleaved ``qkv`` conv (diffusers splits it into ``to_q``/``to_k``/``to_v``).
+
+All blocks map (B, C, H, W) -> (B, C', H', W').
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dcae_kernels
+
+
+class RMSNorm2d(nn.Module):
+    """Channel RMSNorm with weight and bias: ``y = x * rsqrt(mean_c(x^2) + eps) * w + b``, in fp32."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(1, keepdim=True) + self.eps)
+        h = h * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
+        return h.to(x.dtype)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    return RMSNorm2d(channels) if kind == "rms_norm" else nn.BatchNorm2d(channels)
+
+
+def make_act(kind: str) -> nn.Module:
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "gelu": nn.GELU}[kind]()
+
+
+class ResBlock(nn.Module):
+    """``x + norm(conv3x3(act(conv3x3(x, bias)), no bias))``."""
+
+    def __init__(self, channels: int, norm: str, act: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm = make_norm(norm, channels)
+        self.act = make_act(act)
+
+    def forward(self, x):
+        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+
+
+class MultiscaleProjection(nn.Module):
+    """Multi-scale qkv aggregation: depthwise s x s conv, then grouped 1x1 conv (one group per q/k/v head)."""
+
+    def __init__(self, channels: int, groups: int, kernel_size: int):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+                                 bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, groups=groups, bias=False)
+
+    def forward(self, qkv):
+        return self.proj_out(self.proj_in(qkv))
+
+
+class LiteMLA(nn.Module):
+    """EfficientViT's multi-scale ReLU linear attention branch, with its residual: ``x + norm(proj(attn))``.
+
+    qkv (B, 3C, H, W) is per-head interleaved; each scale adds ``C / head_dim`` heads.
+    """
+
+    def __init__(self, channels: int, head_dim: int, scales: tuple[int, ...], norm: str, eps: float = 1e-15):
+        super().__init__()
+        heads = channels // head_dim
+        self.head_dim, self.eps = head_dim, eps
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleProjection(3 * channels, 3 * heads, s) for s in scales)
+        self.to_out = nn.Conv2d(channels * (1 + len(scales)), channels, 1, bias=False)
+        self.norm_out = make_norm(norm, channels)
+
+    def forward(self, x):
+        qkv = self.qkv(x)
+        if len(self.to_qkv_multiscale):
+            qkv = torch.cat([qkv, *(m(qkv) for m in self.to_qkv_multiscale)], dim=1)
+        out = dcae_kernels.relu_linear_attention(qkv, self.head_dim, self.eps)
+        return x + self.norm_out(self.to_out(out))
+
+
+class GLUMBConv(nn.Module):
+    """Gated MBConv: ``x + norm(point(a * silu(g)))``, ``a, g = dw3x3(silu(inverted(x)))`` split on channels."""
+
+    def __init__(self, channels: int, expand: int = 4):
+        super().__init__()
+        hidden = channels * expand
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = RMSNorm2d(channels)
+
+    def forward(self, x):
+        a, g = self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)
+        return x + self.norm(self.conv_point(a * F.silu(g)))
+
+
+class EfficientViTBlock(nn.Module):
+    """LiteMLA (global context) then GLUMBConv (local), each residual."""
+
+    def __init__(self, channels: int, head_dim: int, scales: tuple[int, ...], norm: str):
+        super().__init__()
+        self.attn = LiteMLA(channels, head_dim, scales, norm)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x):
+        return self.conv_out(self.attn(x))
+
+
+def make_block(kind: str, channels: int, norm: str, act: str, head_dim: int, scales: tuple[int, ...]):
+    if kind == "ResBlock":
+        return ResBlock(channels, norm, act)
+    return EfficientViTBlock(channels, head_dim, scales, norm)
+
+
+class DownBlock(nn.Module):
+    """(B, C_in, H, W) -> (B, C_out, H/2, W/2): conv path (3x3 conv + pixel_unshuffle, or stride-2 conv)
+    plus, with ``shortcut``, the space-to-channel averaging shortcut fused with the add."""
+
+    def __init__(self, in_channels: int, out_channels: int, kind: str, shortcut: bool):
+        super().__init__()
+        self.out_channels, self.unshuffle, self.shortcut = out_channels, kind == "pixel_unshuffle", shortcut
+        if self.unshuffle:
+            self.conv = nn.Conv2d(in_channels, out_channels // 4, 3, padding=1)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.unshuffle:
+            h = F.pixel_unshuffle(h, 2)
+        return dcae_kernels.space_to_channel_avg(x, self.out_channels, 2, h) if self.shortcut else h
+
+
+class UpBlock(nn.Module):
+    """(B, C_in, H, W) -> (B, C_out, 2H, 2W): conv path (3x3 conv + pixel_shuffle, or nearest x2 + 3x3 conv)
+    plus, with ``shortcut``, the channel-to-space duplicating shortcut fused with the add."""
+
+    def __init__(self, in_channels: int, out_channels: int, kind: str, shortcut: bool):
+        super().__init__()
+        self.out_channels, self.interpolate, self.shortcut = out_channels, kind == "interpolate", shortcut
+        self.conv = nn.Conv2d(in_channels, out_channels * (1 if self.interpolate else 4), 3, padding=1)
+
+    def forward(self, x):
+        if self.interpolate:
+            h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        else:
+            h = F.pixel_shuffle(self.conv(x), 2)
+        return dcae_kernels.channel_to_space_dup(x, self.out_channels, 2, h) if self.shortcut else h
