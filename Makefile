@@ -1,4 +1,5 @@
-# `make demo` and `make test` set everything up on a fresh machine: .venv, CPU torch where there is no CUDA,
+# `make demo` (the three-phase DC-AE trainer on builtin photos) and `make test` set everything up on a fresh
+# machine: .venv, CPU torch where there is no CUDA,
 # the project with its dev extra; then run the main job / the whole test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dcae.ops_demo
+	$(PY) -m dcae.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

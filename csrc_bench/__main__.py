@@ -1,5 +1,10 @@
+"""``python -m csrc_bench report ...``: the kernel benchmarks and their report (report.py);
+``python -m csrc_bench model ...``: DC-AE ours vs diffusers end to end (model.py)."""
 import sys
 
-from .report import main
-
-sys.exit(main(sys.argv[1:]))
+if sys.argv[1:2] == ["model"]:
+    from .model import main
+    sys.exit(main(sys.argv[2:]))
+else:
+    from .report import main
+    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: GPU skip marker, a CUDA-synchronised timer for pytest-benchmark, `measure`."""
 import math
+import re
 import time
 
 import pytest
@@ -27,6 +28,11 @@ def compiled(fn):
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 256
     return torch.compile(fn, dynamic=False)
+
+
+def slug(name: str) -> str:
+    """A device name as results files spell it: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def nbytes(*tensors) -> int:

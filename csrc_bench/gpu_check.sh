@@ -1,22 +1,57 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (device tool): GPU tests, then every benchmark, logs and results to $OUT.
-# Usage there: OUT=/some/dir bash csrc_bench/gpu_check.sh [pytest -k expression for the benchmarks]
+# One call on a lent GPU machine (device tool): GPU tests, the kernel benchmarks, the model benchmark; logs and
+# results to $OUT. Usage there: [STEPS="tests bench model"] OUT=/some/dir bash csrc_bench/gpu_check.sh [pytest -k
+# expression for the kernel benchmarks]. STEPS picks the steps (default all three, about 10 minutes: more than one
+# call may take, so name fewer). MODEL_ARGS: more options for `python -m csrc_bench model` (--smoke: a CPU dry run).
+#
+# diffusers (model step) is not on that machine: carry it as wheels. Once, here, in the repo root (/.whl/ is in
+# .gitignore):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+# The model benchmark, `python -m csrc_bench model` (about 4 minutes with its torch.compile warm-ups), as one call:
+#   run(command="STEPS=model bash csrc_bench/gpu_check.sh", carry=[".whl"], timeout_s=360)
+# and with the GPU tests before it: STEPS="tests model", timeout_s=540. Copy what comes back into
+# csrc_bench/results/, then give_back.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/gpu-out}
+STEPS=" ${STEPS:-tests bench model} "
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
-# the CUDA C++ baseline builds in the background while the tests run
-python3 -c "from csrc_bench.cuda_shortcut import extension; extension(); print('cuda extension built')" \
-  > "$OUT/cuda-build.txt" 2>&1 &
-build=$!
-start=$SECONDS
-timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -m gpu tests/kernels/test_shortcut.py tests/kernels/test_linear_attention.py -rs > "$OUT/gpu-tests.txt" 2>&1
-echo "gpu tests: $((SECONDS - start)) s"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.txt" | tail -n 30
-wait $build; tail -n 3 "$OUT/cuda-build.txt"
-start=$SECONDS
-python3 -m csrc_bench report --out "$OUT" --timeout "${MODULE_TIMEOUT:-150}" ${1:+-k "$1"} > "$OUT/bench.txt" 2>&1
-echo "benchmarks: exit $?, $((SECONDS - start)) s"
-grep -E "passed|failed|error|ran past" "$OUT/bench.txt" | tail -n 6
-grep -E "^\| " "$OUT/bench.txt" | grep -E "triton|copy" | cut -c1-150 | head -n 75
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site && python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
+else
+  echo "no .whl/ wheels carried: diffusers is missing, the model benchmark cannot run (see the top of this script)"
+fi
+if [[ $STEPS == *" bench "* ]]; then  # the CUDA C++ baseline builds in the background while the tests run
+  python3 -c "from csrc_bench.cuda_shortcut import extension; extension(); print('cuda extension built')" \
+    > "$OUT/cuda-build.txt" 2>&1 &
+  build=$!
+fi
+if [[ $STEPS == *" tests "* ]]; then
+  start=$SECONDS
+  timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -m gpu tests -rs > "$OUT/gpu-tests.txt" 2>&1
+  echo "gpu tests: $((SECONDS - start)) s"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu-tests.txt" | tail -n 30
+fi
+if [[ $STEPS == *" bench "* ]]; then
+  wait $build; tail -n 3 "$OUT/cuda-build.txt"
+  start=$SECONDS
+  python3 -m csrc_bench report --out "$OUT" --timeout "${MODULE_TIMEOUT:-150}" ${1:+-k "$1"} > "$OUT/bench.txt" 2>&1
+  echo "benchmarks: exit $?, $((SECONDS - start)) s"
+  grep -E "passed|failed|error|ran past" "$OUT/bench.txt" | tail -n 6
+  grep -E "^\| " "$OUT/bench.txt" | grep -E "triton|copy" | cut -c1-150 | head -n 75
+fi
+if [[ $STEPS == *" model "* ]]; then  # prints a line per case as it ends; json + md after each case, png at the end
+  start=$SECONDS
+  timeout -k 10 "${MODEL_TIMEOUT:-270}" python3 -m csrc_bench model --out "$OUT" --budget "${MODEL_BUDGET:-220}" \
+    ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.txt" | grep --line-buffered -E "^\[|parameters|Error|nothing measured"
+  echo "model benchmark: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"
+  sed -n '/^## Targets/,$p' "$OUT/model.txt"
+fi
+# The device tool brings back at most 8 files: past that, the logs travel as one archive.
+if (( $(find "$OUT" -type f | wc -l) > 8 )); then
+  (cd "$OUT" && tar czf logs.tgz ./*.txt && rm ./*.txt)
+  echo "more than 8 files: the logs are in $OUT/logs.tgz"
+fi

@@ -31,3 +31,16 @@ def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel does not write fails its test."""
     from dcae_kernels import outputs
     monkeypatch.setattr(outputs, "POISON", True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_ops_outside_kernel_tests(request):
+    """Model, trainer and CLI tests run the plain-torch reference ops (the kernels have their own tests under
+    tests/kernels); a test that wants the Triton path sets DCAE_KERNELS_BACKEND=auto itself. Module scope, so
+    that module-scoped fixtures which build and run models see the setting too."""
+    if "kernels" in request.path.parts or "bench" in request.path.parts:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DCAE_KERNELS_BACKEND", "reference")
+        yield

@@ -100,11 +100,11 @@ class DCAE(nn.Module):
         return cls(get_config(name_or_config))
 
     @classmethod
-    def from_pretrained(cls, path) -> "DCAE":
+    def from_pretrained(cls, path, preset=None, dtype: torch.dtype | None = None) -> "DCAE":
         """Load a local diffusers AutoencoderDC folder, one of ours, or the authors' checkpoint (see
         `dcae.models.pretrained.load`)."""
         from .pretrained import load
-        return load(cls, path)
+        return load(cls, path, preset=preset, dtype=dtype)
 
     def save_pretrained(self, path) -> None:
         """Write ``config.json`` + ``model.safetensors`` to the folder ``path``."""

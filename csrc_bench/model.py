@@ -1,0 +1,478 @@
+"""`python -m csrc_bench model`: DC-AE end to end, ours (`dcae.DCAE` on the Triton ops) against diffusers'
+`AutoencoderDC` with the same config and the same (seeded random) weights, in one run on one card:
+
+* encode and decode images/s and peak memory at 512px B8 and 1024px B2, eager, and torch.compile at 512px B8
+  (its 4 graphs: ours / diffusers x encode / decode);
+* B1 2048px and 4096px decodes, untiled and tiled (ours: ``decode(z, tile_size=T)``; diffusers:
+  ``enable_tiling()``), with the PSNR of each tiled output against its own untiled one.
+
+bf16, eval, ``torch.inference_mode()``. Every case is guarded (an OOM or error becomes the row's ``error``) and
+the run keeps to a time budget (cases that would overrun it are recorded as skipped). Rows are printed and
+written as they finish: ``<out>/<date>-<gpu>-model.json`` and ``.md``; the ``.png`` chart at the end.
+``--smoke`` runs the same path on CPU in fp32 with the tiny preset at small sizes, no compile.
+"""
+import argparse
+import datetime
+import gc
+import json
+import math
+import signal
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .common import compiled, slug
+from .report import HERE, _fmt
+
+PEAK_GB_TARGET = 2.5  # the tiled 4096px decode's peak memory target
+PSNR_TARGET = 40.0  # dB, tiled against untiled
+COLORS = {"ours": "tab:red", "ours-compile": "tab:orange", "diffusers": "tab:green",
+          "diffusers-compile": "tab:blue"}  # report.py's palette: ours as its triton, diffusers as eager/compile
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, and how long it may take."""
+
+    preset: str  # a dcae preset with diffusers' architecture
+    device: str
+    dtype: torch.dtype
+    throughput: tuple[tuple[int, int], ...]  # (image side in px, batch): encode / decode images/s
+    compile_at: tuple[tuple[int, int], ...]  # where the compiled providers run: 4 graphs per shape, ~30-60 s each
+    large: tuple[int, ...]  # image sides in px of the B1 decodes, untiled and tiled
+    tiles: tuple[int, ...]  # our tile sizes in px (tile_overlap: dcae.tiling's default)
+    diffusers_tiling: tuple[int, ...]  # AutoencoderDC.enable_tiling(*args); () = its defaults (512, 448)
+    compile: bool
+    reps: int = 10  # timed calls per case, at most
+    warmup: int = 2  # untimed calls first (after a compiled provider's compiling call); 1 for the large decodes
+    case_seconds: float = 3.0  # timed calls stop once they have taken about this long
+
+
+GPU = Plan("dc-ae-f32c32-in-1.0", "cuda", torch.bfloat16, ((512, 8), (1024, 2)), ((512, 8),), (2048, 4096),
+           (512, 1024), (), compile=True)
+SMOKE = Plan("tiny-f32c8", "cpu", torch.float32, ((64, 2), (128, 1)), ((64, 2),), (192, 256), (128,),
+             (128, 128, 96, 96), compile=False, reps=1, warmup=0)
+FIRST_COMPILE_GUESS_S = 60.0  # budget estimate for a compiled case before one has been measured
+
+
+def diffusers_kwargs(cfg) -> dict:
+    """``AutoencoderDC(**kwargs)`` with the architecture of the `dcae.DCAEConfig` ``cfg``."""
+    if set(cfg.encoder_norms) != {"rms_norm"} or set(cfg.encoder_acts) != {"silu"}:
+        raise ValueError("diffusers' AutoencoderDC encoder blocks are rms_norm + silu only")
+    return dict(in_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
+                attention_head_dim=cfg.attention_head_dim, encoder_block_types=cfg.encoder_block_types,
+                decoder_block_types=cfg.decoder_block_types, encoder_block_out_channels=cfg.encoder_widths,
+                decoder_block_out_channels=cfg.decoder_widths, encoder_layers_per_block=cfg.encoder_depths,
+                decoder_layers_per_block=cfg.decoder_depths, encoder_qkv_multiscales=cfg.encoder_qkv_multiscales,
+                decoder_qkv_multiscales=cfg.decoder_qkv_multiscales, upsample_block_type=cfg.upsample_block_type,
+                downsample_block_type=cfg.downsample_block_type, decoder_norm_types=cfg.decoder_norms,
+                decoder_act_fns=cfg.decoder_acts, encoder_out_shortcut=cfg.encoder_out_shortcut,
+                decoder_in_shortcut=cfg.decoder_in_shortcut, decoder_conv_act_fn=cfg.decoder_out_act,
+                scaling_factor=cfg.scaling_factor)
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Default init leaves every norm at identity (weight 1, bias 0, BatchNorm statistics 0 / 1); perturb them so
+    that comparing two models checks their norm weights too."""
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" not in type(module).__name__:
+                continue
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if t.is_floating_point():
+                    noise = 0.1 * torch.randn(t.shape)
+                    t.copy_(1 + noise.abs() if name == "running_var" else noise + (name == "weight"))
+
+
+def build_models(plan: Plan, folder: Path, seed: int):
+    """diffusers' AutoencoderDC with seeded random weights, saved with ``save_pretrained`` to ``folder`` and
+    loaded back as ours with ``DCAE.from_pretrained``: (ours, theirs), on the plan's device and dtype, eval."""
+    from diffusers import AutoencoderDC
+    from diffusers.utils import logging
+
+    from dcae import DCAE, get_config
+
+    logging.set_verbosity_error()  # not its advice to cast with from_pretrained(torch_dtype=): we cast on purpose
+    torch.manual_seed(seed)
+    theirs = AutoencoderDC(**diffusers_kwargs(get_config(plan.preset)))
+    randomize_norms(theirs)
+    theirs.to(plan.dtype).save_pretrained(folder)
+    ours = DCAE.from_pretrained(folder)
+    return tuple(m.to(plan.device, plan.dtype).eval() for m in (ours, theirs))
+
+
+def footprint(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """dB; the peak is the reference's range (2 for images in [-1, 1]), so latents and random-weight outputs
+    get a meaningful figure too."""
+    x, ref = x.double(), ref.double()
+    mse = (x - ref).square().mean().item()
+    peak = (ref.max() - ref.min()).item()
+    return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, x: torch.Tensor, plan: Plan, warmup: int):
+    """(median ms per call of ``fn(x)`` after ``warmup`` calls, the last call's output): CUDA events around each
+    call on a GPU (each call waited for, so a case stops after about ``plan.case_seconds``), the wall clock on
+    CPU."""
+    for _ in range(warmup):
+        fn(x)
+    times, stop = [], time.perf_counter() + plan.case_seconds
+    for _ in range(plan.reps):
+        if plan.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            out = fn(x)
+            times.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > stop:
+            break
+    return statistics.median(times), out
+
+
+def peak_call(fn, x: torch.Tensor):
+    """``fn(x)`` once on CUDA: (its output, the bytes it allocated at its peak above what was allocated
+    before it)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(x)
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - before
+
+
+def providers(ours, theirs, compile_: bool) -> dict:
+    """provider -> (encode, decode), each a function of one tensor. The compiled providers compile the
+    encoder / decoder modules (static shapes: one graph per shape)."""
+    fns = {"ours": (ours.encode, ours.decode),
+           "diffusers": (lambda x: theirs.encode(x).latent, lambda z: theirs.decode(z).sample)}
+    if compile_:
+        fns["ours-compile"] = (compiled(ours.encoder), compiled(ours.decoder))
+        fns["diffusers-compile"] = (compiled(theirs.encoder), compiled(theirs.decoder))
+    return fns
+
+
+class Run:
+    """The rows of one run, its clock and budget, and its files."""
+
+    def __init__(self, plan: Plan, out: Path, start: float, budget_s: float, meta: dict, weights: dict):
+        self.plan, self.meta, self.weights = plan, meta, weights
+        self.start, self.deadline = start, start + budget_s
+        self.compile_times: list[float] = []
+        self.rows: list[dict] = []
+        out.mkdir(parents=True, exist_ok=True)
+        self.stem = out / f"{meta['date']}-{slug(meta['gpu'])}-model"
+
+    def case(self, part: str, provider: str, mode: str, side: int, batch: int, fn, x: torch.Tensor, *,
+             ref=None, ref_name=None, tile=None, compiles=False):
+        """Time ``fn(x)``, measure its peak memory and its PSNR against ``ref``; add the row (an error or a
+        skip goes into it) and return the output (None on error). ``part``: "throughput" or "large"."""
+        row = dict(model=self.plan.preset, part=part, provider=provider, mode=mode, shape=f"{side}px", batch=batch,
+                   tile=tile, images_per_s=None, ms=None, peak_gb=None, work_gb=None, psnr=None, psnr_vs=None,
+                   compile_s=None, error=None, gpu=self.meta["gpu"], dtype=self.meta["dtype"],
+                   torch=self.meta["torch"], triton=self.meta["triton"], diffusers=self.meta["diffusers"])
+        compile_s = max(self.compile_times, default=FIRST_COMPILE_GUESS_S)
+        estimate = self.plan.case_seconds + (compile_s if compiles else 5.0)
+        if time.perf_counter() + estimate > self.deadline:
+            row["error"] = f"skipped: would end past the run's time budget (about {estimate:.0f} s needed)"
+            self.add(row)
+            return None
+        out = None
+        try:
+            if compiles:
+                start = time.perf_counter()
+                fn(x)
+                sync(self.plan.device)
+                row["compile_s"] = time.perf_counter() - start
+                self.compile_times.append(row["compile_s"])
+            ms, out = median_ms(fn, x, self.plan, self.plan.warmup if part == "throughput" else
+                                min(self.plan.warmup, 1))
+            row.update(ms=ms, images_per_s=batch * 1e3 / ms)
+            if self.plan.device == "cuda":
+                del out
+                out, work = peak_call(fn, x)
+                row.update(work_gb=work / 1e9,
+                           peak_gb=(work + self.weights[provider.split("-")[0]] + x.numel() * x.element_size())
+                           / 1e9)
+            if ref is not None:
+                row.update(psnr=psnr(out, ref), psnr_vs=ref_name)
+        except Exception as e:  # noqa: BLE001 - an OOM or a failing provider is a result, not the end of the run
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+            out = None
+        if row["error"]:
+            gc.collect()
+            if self.plan.device == "cuda":
+                torch.cuda.empty_cache()
+        self.add(row)
+        return out
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(progress_line(row, time.perf_counter() - self.start), flush=True)
+        self.write()
+
+    def write(self, plot_too: bool = False) -> None:
+        self.meta["wall_s"] = round(time.perf_counter() - self.start, 1)
+        self.stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        self.stem.with_suffix(".md").write_text(markdown(self.rows, self.meta, self.plan))
+        if plot_too:
+            plot(self.rows, self.stem.with_suffix(".png"), f"DC-AE {self.plan.preset}: ours vs diffusers, "
+                                                             f"{self.meta['gpu']}, {self.meta['dtype']} "
+                                                             f"({self.meta['date']})")
+
+
+def progress_line(row: dict, elapsed: float) -> str:
+    case = (f"[{elapsed:6.1f} s] {row['provider']:<17} {row['mode']:<12} {row['shape']:>6} B{row['batch']:<2} "
+            f"{row['tile'] or '':<8}")
+    if row["error"]:
+        return f"{case} {row['error']}"
+    line = f"{case} {row['images_per_s']:9.2f} img/s {row['ms']:9.2f} ms"
+    if row["peak_gb"] is not None:
+        line += f"  peak {row['peak_gb']:6.2f} GB"
+    if row["psnr"] is not None:
+        line += f"  PSNR {row['psnr']:6.1f} dB vs {row['psnr_vs']}"
+    if row["compile_s"] is not None:
+        line += f"  (compiled in {row['compile_s']:.1f} s)"
+    return line
+
+
+def run_cases(run: Run, ours, theirs, compile_: bool) -> None:
+    """Eager throughput first, then the large decodes, then the compiled providers (whose compiling calls are
+    the slow part, so a tight budget drops them first)."""
+    plan, cfg = run.plan, ours.config
+    fns = providers(ours, theirs, compile_)
+    gen = torch.Generator().manual_seed(1)
+    r, c = cfg.spatial_compression_ratio, cfg.latent_channels
+    inputs = {(side, batch, mode): x.to(plan.device, plan.dtype) for side, batch in plan.throughput for mode, x in (
+        ("encode", torch.rand(batch, cfg.in_channels, side, side, generator=gen) * 2 - 1),
+        ("decode", torch.randn(batch, c, side // r, side // r, generator=gen)))}
+    refs = {}
+    for (side, batch, mode), x in inputs.items():
+        i = ("encode", "decode").index(mode)
+        refs[side, batch, mode] = run.case("throughput", "diffusers", mode, side, batch, fns["diffusers"][i], x)
+        run.case("throughput", "ours", mode, side, batch, fns["ours"][i], x, ref=refs[side, batch, mode],
+                 ref_name="diffusers")
+    for side in plan.large:
+        z = torch.randn(1, c, side // r, side // r, generator=gen).to(plan.device, plan.dtype)
+        theirs.disable_tiling()
+        untiled = run.case("large", "diffusers", "decode", side, 1, fns["diffusers"][1], z)
+        theirs.enable_tiling(*plan.diffusers_tiling)
+        tile = f"{theirs.tile_sample_min_height}/{theirs.tile_sample_stride_height}"
+        run.case("large", "diffusers", "decode-tiled", side, 1, fns["diffusers"][1], z, ref=untiled,
+                 ref_name="diffusers untiled", tile=tile)
+        theirs.disable_tiling()
+        ours_untiled = run.case("large", "ours", "decode", side, 1, fns["ours"][1], z, ref=untiled,
+                                ref_name="diffusers untiled")
+        for size in plan.tiles:
+            run.case("large", "ours", "decode-tiled", side, 1, lambda z, size=size: ours.decode(z, tile_size=size),
+                     z, ref=ours_untiled, ref_name="ours untiled", tile=str(size))
+        del untiled, ours_untiled
+    for (side, batch, mode), x in inputs.items():
+        if not compile_ or (side, batch) not in plan.compile_at:
+            continue
+        for provider in ("diffusers-compile", "ours-compile"):
+            run.case("throughput", provider, mode, side, batch, fns[provider][("encode", "decode").index(mode)], x,
+                     ref=refs[side, batch, mode], ref_name="diffusers", compiles=True)
+
+
+def baselines(rows: list[dict]) -> dict:
+    """(mode, shape, batch, provider) -> ms of the diffusers rows that ran."""
+    return {(r["mode"], r["shape"], r["batch"], r["provider"]): r["ms"] for r in rows
+            if r["provider"].startswith("diffusers") and not r["error"]}
+
+
+def targets(rows: list[dict], plan: Plan) -> list[tuple[bool | None, str]]:
+    """The issue's targets, each (met: True / False / None when it cannot be judged here, what was compared)."""
+    def find(provider, mode, side, batch=1):
+        return next((r for r in rows if (r["provider"], r["mode"], r["shape"], r["batch"])
+                     == (provider, mode, f"{side}px", batch) and not r["error"]), None)
+
+    checks = []
+    for side, batch in plan.throughput:
+        for mode in ("encode", "decode"):
+            ours, base = find("ours", mode, side, batch), find("diffusers", mode, side, batch)
+            met = ours["images_per_s"] >= base["images_per_s"] if ours and base else False
+            ips = [f"{r['images_per_s']:.1f}" if r else "(not measured)" for r in (ours, base)]
+            checks.append((met, f"ours {mode} {side}px B{batch}: {ips[0]} img/s >= diffusers eager {ips[1]}"))
+    side = max(plan.large)
+    base = find("diffusers", "decode-tiled", side)
+    for size in plan.tiles:
+        r = next((r for r in rows if (r["provider"], r["mode"], r["shape"], r["tile"])
+                  == ("ours", "decode-tiled", f"{side}px", str(size)) and not r["error"]), None)
+        what = f"ours tiled decode {side}px, tile {size}:"
+        if r is None:
+            checks.append((False, f"{what} did not run"))
+            continue
+        checks.append((None if r["peak_gb"] is None else r["peak_gb"] <= PEAK_GB_TARGET,
+                       f"{what} peak {_fmt(r['peak_gb'], 2) or '(not measured)'} GB <= {PEAK_GB_TARGET}"))
+        checks.append((r["psnr"] is not None and r["psnr"] >= PSNR_TARGET,
+                       f"{what} PSNR {_fmt(r['psnr'], 1)} dB vs untiled >= {PSNR_TARGET}"))
+        checks.append((base is not None and r["ms"] < base["ms"],
+                       f"{what} {r['ms']:.1f} ms < diffusers tiled ({base and base['tile']}) "
+                       f"{_fmt(base and base['ms'], 1)} ms"))
+    return checks
+
+
+def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
+    base = baselines(rows)
+    lines = [f"# DC-AE {meta['preset']}: ours vs diffusers AutoencoderDC on {meta['gpu']} ({meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, diffusers {meta['diffusers']}, dcae_kernels backend "
+             f"{meta['backend']}; {meta['dtype']}, eval, inference_mode; same seeded random weights "
+             "(diffusers `save_pretrained` -> `DCAE.from_pretrained`). ms = median per call (CUDA events around "
+             f"each call, the wall clock on CPU; after {plan.warmup} warm-up calls ({min(plan.warmup, 1)} for the "
+             "large decodes); a "
+             "compiled provider's compiling call is excluded and given as compile s); images/s = batch / ms. "
+             f"peak GB = the model's weights (ours {meta['weights_gb']['ours']:.3f} GB, diffusers "
+             f"{meta['weights_gb']['diffusers']:.3f} GB) + the input + the call's peak allocation above what was "
+             "allocated before it (= work GB): what a process holding only that model would peak at. PSNR against "
+             "the named reference, peak = the reference's range. x diffusers / x diffusers-compile = that row's ms "
+             "over this row's for the same mode and shape (>1: this row is faster). tile: ours = tile_size in px "
+             "(dcae.tiling's default overlap); diffusers = tile / stride in px of `enable_tiling`.", "",
+             "| mode | shape | batch | provider | tile | images/s | ms | peak GB | work GB | PSNR dB | vs "
+             "| x diffusers | x diffusers-compile | compile s | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = {}
+        for provider in ("diffusers", "diffusers-compile"):
+            base_ms = base.get((r["mode"], r["shape"], r["batch"], provider))
+            ratio[provider] = base_ms / r["ms"] if base_ms and r["ms"] else None
+        lines.append(f"| {r['mode']} | {r['shape']} | {r['batch']} | {r['provider']} | {r['tile'] or ''} | "
+                     f"{_fmt(r['images_per_s'], 2)} | {_fmt(r['ms'], 2)} | {_fmt(r['peak_gb'], 2)} | "
+                     f"{_fmt(r['work_gb'], 2)} | {_fmt(r['psnr'], 1)} | {r['psnr_vs'] or ''} | "
+                     f"{_fmt(ratio['diffusers'], 2)} | {_fmt(ratio['diffusers-compile'], 2)} | "
+                     f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
+    lines += ["", "## Targets", ""]
+    lines += [f"- {dict([(True, 'MET'), (False, 'NOT MET'), (None, 'n/a')])[met]}: {what}"
+              for met, what in targets(rows, plan)]
+    return "\n".join(lines) + "\n"
+
+
+def _bars(ax, rows: list[dict], category, series, value: str, ylabel: str) -> None:
+    """Grouped bars: one group per ``category(row)``, one bar per ``series(row)`` (coloured by provider, hatched
+    when tiled); failed cases are left empty."""
+    cats = list(dict.fromkeys(category(r) for r in rows))
+    first = {}
+    for r in rows:
+        first.setdefault(series(r), r)
+    names = sorted(first, key=lambda n: (list(COLORS).index(first[n]["provider"]), bool(first[n]["tile"])))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        vals = {category(r): r[value] or 0 for r in rows if series(r) == name}
+        ax.bar([c + i * width for c in range(len(cats))], [vals.get(c, 0) for c in cats], width, label=name,
+               color=COLORS[first[name]["provider"]], hatch="//" if first[name]["tile"] else None, edgecolor="k",
+               lw=0.3)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cats))], cats, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, ncol=min(len(names), 5), loc="upper left")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """images/s per (mode, shape) and provider; the large decodes' ms and peak GB per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    small = [r for r in rows if r["part"] == "throughput"]
+    large = [r for r in rows if r["part"] == "large"]
+    variant = lambda r: r["provider"] + (f" tiled {r['tile']}" if r["tile"] else " untiled")  # noqa: E731
+    fig, axes = plt.subplots(3, 1, figsize=(12, 12))
+    _bars(axes[0], small, lambda r: f"{r['mode']} {r['shape']} B{r['batch']}", lambda r: r["provider"],
+          "images_per_s", "images/s")
+    axes[0].set_title("encode / decode throughput (higher is better)", fontsize=10)
+    _bars(axes[1], large, lambda r: f"decode {r['shape']} B{r['batch']}", variant, "ms", "ms")
+    axes[1].set_title("large decodes, untiled vs tiled: time (lower is better)", fontsize=10)
+    _bars(axes[2], large, lambda r: f"decode {r['shape']} B{r['batch']}", variant, "peak_gb", "peak GB")
+    axes[2].axhline(PEAK_GB_TARGET, color="k", ls="--", lw=1)
+    axes[2].set_title(f"large decodes: peak memory (target for ours tiled: <= {PEAK_GB_TARGET} GB)", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import diffusers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(torch=torch.__version__, triton=triton_version, diffusers=diffusers.__version__)
+
+
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # so that `timeout` still leaves the chart and the final files
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m csrc_bench model",
+                                     description="DC-AE end to end: ours vs diffusers' AutoencoderDC (model.py)")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, small images, CPU, fp32, no compile")
+    parser.add_argument("--out", type=Path, help="where the results go (default csrc_bench/results; with --smoke "
+                                                 "a folder in the temp dir)")
+    parser.add_argument("--budget", type=float, default=220.0,
+                        help="seconds the run may take; cases that would end later are recorded as skipped")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure the torch.compile providers (default: on, off with --smoke)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("python -m csrc_bench model needs a CUDA GPU and this machine has none: nothing measured "
+              "(--smoke runs a tiny version on CPU).")
+        return 1
+    plan = SMOKE if args.smoke else GPU
+    compile_ = plan.compile if args.compile is None else args.compile
+    out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-model-smoke" if args.smoke else HERE / "results")
+
+    import dcae_kernels
+
+    meta = dict(gpu="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+                date=datetime.date.today().isoformat(), preset=plan.preset, dtype=str(plan.dtype).split(".")[-1],
+                backend=dcae_kernels.backend(), seed=args.seed, budget_s=args.budget, compile=compile_,
+                **versions())
+    previous, threads = signal.signal(signal.SIGTERM, _stop_on_sigterm), torch.get_num_threads()
+    if args.smoke:
+        torch.set_num_threads(1)  # at these sizes CPU threads only contend (10x slower on a busy 2-core machine)
+    run = None
+    try:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            ours, theirs = build_models(plan, Path(folder), args.seed)
+        weights = {"ours": footprint(ours), "diffusers": footprint(theirs)}
+        meta.update(weights_gb={k: v / 1e9 for k, v in weights.items()},
+                    params=sum(p.numel() for p in theirs.parameters()))
+        run = Run(plan, out, start, args.budget, meta, weights)
+        print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded in "
+              f"{time.perf_counter() - start:.1f} s; torch {meta['torch']}, triton {meta['triton']}, diffusers "
+              f"{meta['diffusers']}, backend {meta['backend']}", flush=True)
+        with torch.inference_mode():
+            run_cases(run, ours, theirs, compile_)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        torch.set_num_threads(threads)
+        if run is not None:
+            run.write(plot_too=True)
+            print(run.stem.with_suffix(".md").read_text())
+            print(f"written: {run.stem.with_suffix('.json')}, {run.stem.with_suffix('.md')}, "
+                  f"{run.stem.with_suffix('.png')} ({time.perf_counter() - run.start:.0f} s)")
+    return 0 if all(not r["error"] for r in run.rows) else 1
