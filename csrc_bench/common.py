@@ -1,7 +1,10 @@
-"""Shared benchmark plumbing: GPU skip marker, a CUDA-synchronised timer for pytest-benchmark, `measure`."""
+"""Shared benchmark plumbing: GPU skip marker, a CUDA-synchronised timer for pytest-benchmark, `measure`; and for
+the end-to-end benchmarks (model.py, train.py): the ours / diffusers model pair, a per-call timer, versions."""
 import math
 import re
+import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +66,105 @@ def measure(benchmark, fn, *, kernel: str, provider: str, mode: str, shape: str,
     benchmark.extra_info.update(kernel=kernel, provider=provider, mode=mode, shape=shape, bytes=nbytes,
                                 flops=flops, device_ms=device_ms, gpu=torch.cuda.get_device_name())
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=iterations, warmup_rounds=1)
+
+
+# ---- end-to-end benchmarks: ours (dcae.DCAE) against diffusers' AutoencoderDC ----
+
+COLORS = {"ours": "tab:red", "ours-compile": "tab:orange", "diffusers": "tab:green",
+          "diffusers-compile": "tab:blue"}  # report.py's palette: ours as its triton, diffusers as eager/compile
+
+
+def diffusers_kwargs(cfg) -> dict:
+    """``AutoencoderDC(**kwargs)`` with the architecture of the `dcae.DCAEConfig` ``cfg``."""
+    if set(cfg.encoder_norms) != {"rms_norm"} or set(cfg.encoder_acts) != {"silu"}:
+        raise ValueError("diffusers' AutoencoderDC encoder blocks are rms_norm + silu only")
+    return dict(in_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
+                attention_head_dim=cfg.attention_head_dim, encoder_block_types=cfg.encoder_block_types,
+                decoder_block_types=cfg.decoder_block_types, encoder_block_out_channels=cfg.encoder_widths,
+                decoder_block_out_channels=cfg.decoder_widths, encoder_layers_per_block=cfg.encoder_depths,
+                decoder_layers_per_block=cfg.decoder_depths, encoder_qkv_multiscales=cfg.encoder_qkv_multiscales,
+                decoder_qkv_multiscales=cfg.decoder_qkv_multiscales, upsample_block_type=cfg.upsample_block_type,
+                downsample_block_type=cfg.downsample_block_type, decoder_norm_types=cfg.decoder_norms,
+                decoder_act_fns=cfg.decoder_acts, encoder_out_shortcut=cfg.encoder_out_shortcut,
+                decoder_in_shortcut=cfg.decoder_in_shortcut, decoder_conv_act_fn=cfg.decoder_out_act,
+                scaling_factor=cfg.scaling_factor)
+
+
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Default init leaves every norm at identity (weight 1, bias 0, BatchNorm statistics 0 / 1); perturb them so
+    that comparing two models checks their norm weights too."""
+    with torch.no_grad():
+        for module in model.modules():
+            if "Norm" not in type(module).__name__:
+                continue
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if t.is_floating_point():
+                    noise = 0.1 * torch.randn(t.shape)
+                    t.copy_(1 + noise.abs() if name == "running_var" else noise + (name == "weight"))
+
+
+def build_pair(preset: str, folder: Path, seed: int, dtype: torch.dtype = torch.float32):
+    """diffusers' AutoencoderDC of the dcae ``preset`` with seeded random weights, saved in ``dtype`` with
+    ``save_pretrained`` to ``folder`` and loaded back as ours with ``DCAE.from_pretrained``: (ours, theirs), both
+    in ``dtype`` on the CPU, holding the same weights."""
+    from diffusers import AutoencoderDC
+    from diffusers.utils import logging
+
+    from dcae import DCAE, get_config
+
+    logging.set_verbosity_error()  # not its advice to cast with from_pretrained(torch_dtype=): we cast on purpose
+    torch.manual_seed(seed)
+    theirs = AutoencoderDC(**diffusers_kwargs(get_config(preset)))
+    randomize_norms(theirs)
+    theirs.to(dtype).save_pretrained(folder)
+    return DCAE.from_pretrained(folder), theirs
+
+
+def footprint(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, x: torch.Tensor, device: str, reps: int, warmup: int, seconds: float):
+    """(median ms per call of ``fn(x)`` over at most ``reps`` calls after ``warmup`` untimed ones, the last call's
+    output): CUDA events around each call on a GPU (each call waited for, so the timed calls stop once they have
+    taken about ``seconds``), the wall clock on CPU."""
+    for _ in range(warmup):
+        fn(x)
+    times, stop = [], time.perf_counter() + seconds
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            out = fn(x)
+            times.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() > stop:
+            break
+    return statistics.median(times), out
+
+
+def versions() -> dict:
+    import diffusers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(torch=torch.__version__, triton=triton_version, diffusers=diffusers.__version__)
+
+
+def stop_on_sigterm(signum, frame):
+    """A SIGTERM handler: exit through ``finally`` blocks, so that `timeout` still leaves the final files."""
+    raise SystemExit(128 + signum)

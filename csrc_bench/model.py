@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import signal
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,13 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .common import compiled, slug
+from .common import COLORS, build_pair, compiled, footprint, median_ms, slug, stop_on_sigterm, sync, versions
 from .report import HERE, _fmt
 
 PEAK_GB_TARGET = 2.5  # the tiled 4096px decode's peak memory target
 PSNR_TARGET = 40.0  # dB, tiled against untiled
-COLORS = {"ours": "tab:red", "ours-compile": "tab:orange", "diffusers": "tab:green",
-          "diffusers-compile": "tab:blue"}  # report.py's palette: ours as its triton, diffusers as eager/compile
 
 
 @dataclass(frozen=True)
@@ -59,55 +56,10 @@ SMOKE = Plan("tiny-f32c8", "cpu", torch.float32, ((64, 2), (128, 1)), ((64, 2),)
 FIRST_COMPILE_GUESS_S = 60.0  # budget estimate for a compiled case before one has been measured
 
 
-def diffusers_kwargs(cfg) -> dict:
-    """``AutoencoderDC(**kwargs)`` with the architecture of the `dcae.DCAEConfig` ``cfg``."""
-    if set(cfg.encoder_norms) != {"rms_norm"} or set(cfg.encoder_acts) != {"silu"}:
-        raise ValueError("diffusers' AutoencoderDC encoder blocks are rms_norm + silu only")
-    return dict(in_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
-                attention_head_dim=cfg.attention_head_dim, encoder_block_types=cfg.encoder_block_types,
-                decoder_block_types=cfg.decoder_block_types, encoder_block_out_channels=cfg.encoder_widths,
-                decoder_block_out_channels=cfg.decoder_widths, encoder_layers_per_block=cfg.encoder_depths,
-                decoder_layers_per_block=cfg.decoder_depths, encoder_qkv_multiscales=cfg.encoder_qkv_multiscales,
-                decoder_qkv_multiscales=cfg.decoder_qkv_multiscales, upsample_block_type=cfg.upsample_block_type,
-                downsample_block_type=cfg.downsample_block_type, decoder_norm_types=cfg.decoder_norms,
-                decoder_act_fns=cfg.decoder_acts, encoder_out_shortcut=cfg.encoder_out_shortcut,
-                decoder_in_shortcut=cfg.decoder_in_shortcut, decoder_conv_act_fn=cfg.decoder_out_act,
-                scaling_factor=cfg.scaling_factor)
-
-
-def randomize_norms(model: torch.nn.Module) -> None:
-    """Default init leaves every norm at identity (weight 1, bias 0, BatchNorm statistics 0 / 1); perturb them so
-    that comparing two models checks their norm weights too."""
-    with torch.no_grad():
-        for module in model.modules():
-            if "Norm" not in type(module).__name__:
-                continue
-            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if t.is_floating_point():
-                    noise = 0.1 * torch.randn(t.shape)
-                    t.copy_(1 + noise.abs() if name == "running_var" else noise + (name == "weight"))
-
-
 def build_models(plan: Plan, folder: Path, seed: int):
-    """diffusers' AutoencoderDC with seeded random weights, saved with ``save_pretrained`` to ``folder`` and
-    loaded back as ours with ``DCAE.from_pretrained``: (ours, theirs), on the plan's device and dtype, eval."""
-    from diffusers import AutoencoderDC
-    from diffusers.utils import logging
-
-    from dcae import DCAE, get_config
-
-    logging.set_verbosity_error()  # not its advice to cast with from_pretrained(torch_dtype=): we cast on purpose
-    torch.manual_seed(seed)
-    theirs = AutoencoderDC(**diffusers_kwargs(get_config(plan.preset)))
-    randomize_norms(theirs)
-    theirs.to(plan.dtype).save_pretrained(folder)
-    ours = DCAE.from_pretrained(folder)
-    return tuple(m.to(plan.device, plan.dtype).eval() for m in (ours, theirs))
-
-
-def footprint(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """(ours, theirs) with the same seeded random weights (`common.build_pair`), on the plan's device and dtype,
+    eval."""
+    return tuple(m.to(plan.device, plan.dtype).eval() for m in build_pair(plan.preset, folder, seed, plan.dtype))
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -117,35 +69,6 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
     mse = (x - ref).square().mean().item()
     peak = (ref.max() - ref.min()).item()
     return math.inf if mse == 0 else 10 * math.log10(peak ** 2 / mse)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, x: torch.Tensor, plan: Plan, warmup: int):
-    """(median ms per call of ``fn(x)`` after ``warmup`` calls, the last call's output): CUDA events around each
-    call on a GPU (each call waited for, so a case stops after about ``plan.case_seconds``), the wall clock on
-    CPU."""
-    for _ in range(warmup):
-        fn(x)
-    times, stop = [], time.perf_counter() + plan.case_seconds
-    for _ in range(plan.reps):
-        if plan.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            out = fn(x)
-            times.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() > stop:
-            break
-    return statistics.median(times), out
 
 
 def peak_call(fn, x: torch.Tensor):
@@ -203,8 +126,9 @@ class Run:
                 sync(self.plan.device)
                 row["compile_s"] = time.perf_counter() - start
                 self.compile_times.append(row["compile_s"])
-            ms, out = median_ms(fn, x, self.plan, self.plan.warmup if part == "throughput" else
-                                min(self.plan.warmup, 1))
+            ms, out = median_ms(fn, x, self.plan.device, self.plan.reps,
+                                self.plan.warmup if part == "throughput" else min(self.plan.warmup, 1),
+                                self.plan.case_seconds)
             row.update(ms=ms, images_per_s=batch * 1e3 / ms)
             if self.plan.device == "cuda":
                 del out
@@ -409,21 +333,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def versions() -> dict:
-    import diffusers
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(torch=torch.__version__, triton=triton_version, diffusers=diffusers.__version__)
-
-
-def _stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # so that `timeout` still leaves the chart and the final files
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m csrc_bench model",
                                      description="DC-AE end to end: ours vs diffusers' AutoencoderDC (model.py)")
@@ -450,7 +359,7 @@ def main(argv: list[str]) -> int:
                 date=datetime.date.today().isoformat(), preset=plan.preset, dtype=str(plan.dtype).split(".")[-1],
                 backend=dcae_kernels.backend(), seed=args.seed, budget_s=args.budget, compile=compile_,
                 **versions())
-    previous, threads = signal.signal(signal.SIGTERM, _stop_on_sigterm), torch.get_num_threads()
+    previous, threads = signal.signal(signal.SIGTERM, stop_on_sigterm), torch.get_num_threads()
     if args.smoke:
         torch.set_num_threads(1)  # at these sizes CPU threads only contend (10x slower on a busy 2-core machine)
     run = None

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
-from dcae.lpips import freeze, load_frozen
+from .weights import freeze, load_frozen
 
 FID_SIZE = 299
 FEATURES = 2048

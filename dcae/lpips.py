@@ -11,12 +11,14 @@ torchvision's vgg16-397923af.pth and the lpips package's weights/v0.1/vgg.pth:
     python -m dcae.lpips convert --vgg vgg16-397923af.pth --heads vgg.pth --out lpips_vgg.safetensors
 """
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .weights import check_state_dict, freeze, load_frozen, read_state_dict
 
 # torchvision's VGG16 `features` up to relu5_3: 3x3 conv widths (each followed by ReLU), "M" a 2x2 max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -25,54 +27,6 @@ TAP_CHANNELS = (64, 128, 256, 512, 512)
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
-MAX_LISTED = 10
-
-
-def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """The named tensors of a local .safetensors file, or of a .pt/.pth read with torch.load(weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} needs local weights: {path} is not a file (nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ValueError(f"{what}: {path} does not hold a flat dict of named tensors")
-    return dict(state)
-
-
-def _listing(keys: list[str]) -> str:
-    more = f" ... and {len(keys) - MAX_LISTED} more" if len(keys) > MAX_LISTED else ""
-    return ", ".join(keys[:MAX_LISTED]) + more
-
-
-def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str) -> None:
-    """ValueError listing the missing, unexpected and mis-shaped keys of ``state`` against ``expected``."""
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    misshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
-                 for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k]]
-    problems = [f"{label}: {_listing(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
-    if problems:
-        raise ValueError(f"{what}: " + "; ".join(problems))
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode, no parameter gradients (gradients still flow to the inputs)."""
-    return module.requires_grad_(False).eval()
-
-
-def load_frozen(module: nn.Module, path: str | Path, what: str,
-                ignore: Callable[[str], bool] = lambda key: False) -> nn.Module:
-    """Every weight of ``module`` from the file, checked by name and shape (keys ``ignore`` accepts are
-    dropped on both sides), then frozen."""
-    state = {k: v for k, v in read_state_dict(path, what).items() if not ignore(k)}
-    expected = {k: v.shape for k, v in module.state_dict().items() if not ignore(k)}
-    check_state_dict(state, expected, f"{what} weights {path}")
-    module.load_state_dict(state, strict=False)
-    return freeze(module)
 
 
 class LPIPS(nn.Module):

@@ -10,7 +10,8 @@ eval-mode BatchNorm) except one reduction per EfficientViT block: linear attenti
   convs see the pixel grid of the untiled run; zero padding then only acts at true image borders.
 - before an EfficientViT block the chain so far is stitched into a whole tensor at that (low) resolution;
   one pass over its tiles sums ``vk`` (fp32); the rest of the block, attention applied with that ``vk`` then
-  GLUMBConv, is local and opens the next chain.
+  GLUMBConv, is local and opens the next chain. This split form of the attention runs the plain-torch
+  `dcae_kernels.reference` functions (it happens at 1/8 resolution and below, where it is cheap).
 
 Tiles cover the same image region at every resolution: ``tile_size / f`` pixels at 1/f of the image side.
 Without autograd (``torch.no_grad`` / ``inference_mode``), peak memory = weights + the per-tile working set
@@ -27,9 +28,9 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
+
+from dcae_kernels.reference import relu_linear_attention_apply, relu_linear_attention_state
 
 from .models.blocks import DownBlock, EfficientViTBlock, ResBlock, UpBlock
 
@@ -136,40 +137,20 @@ def _stitch(steps: list[_Step], x: torch.Tensor, tile: int) -> torch.Tensor:
     return out
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LiteMLA's interleaved q, k, v (B, heads_total*3*D, h, w), multi-scale copies included."""
-    qkv = attn.qkv(x)
-    if len(attn.to_qkv_multiscale):
-        qkv = torch.cat([qkv, *(m(qkv) for m in attn.to_qkv_multiscale)], dim=1)
-    return qkv
-
-
-def _heads(qkv: torch.Tensor, head_dim: int):
-    """(B, heads*3*D, h, w) -> q, k, v (B, heads, D, h*w), in fp32 (fp64 for fp64)."""
-    qkv = qkv.to(torch.promote_types(qkv.dtype, torch.float32))
-    return rearrange(qkv, "b (h p d) x y -> p b h d (x y)", p=3, d=head_dim)
-
-
 def _multiscale_radius(attn: nn.Module) -> int:
     return max((_conv_radius(m.proj_in) for m in attn.to_qkv_multiscale), default=0)
 
 
 def _attention_sums(attn: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
     """x (B, C, H, W) -> vk (B, heads, D+1, D) = sum over all pixels of [v; 1] relu(k)^T."""
-    vk = 0
-    for _, _, qkv in _tiles([_Step(partial(_qkv, attn), _multiscale_radius(attn))], x, tile):
-        _, k, v = _heads(qkv, attn.head_dim)
-        vk = vk + F.pad(v, (0, 0, 0, 1), value=1.0) @ k.relu().transpose(-1, -2)
-    return vk
+    tiles = _tiles([_Step(attn.project_qkv, _multiscale_radius(attn))], x, tile)
+    return sum(relu_linear_attention_state(qkv, attn.head_dim) for _, _, qkv in tiles)
 
 
 def _apply_block(block: EfficientViTBlock, vk: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The EfficientViT block on a region x (B, C, h, w), its attention reading the whole-image sums vk."""
     attn = block.attn
-    q, _, _ = _heads(_qkv(attn, x), attn.head_dim)
-    out = vk @ q.relu()  # [D+1, D] @ [D, N] -> [D+1, N]
-    out = out[..., :-1, :] / (out[..., -1:, :] + attn.eps)
-    out = rearrange(out, "b h d (x y) -> b (h d) x y", x=x.shape[-2]).to(x.dtype)
+    out = relu_linear_attention_apply(attn.project_qkv(x), vk, attn.head_dim, attn.eps)
     return block.conv_out(x + attn.norm_out(attn.to_out(out)))
 
 

@@ -28,19 +28,32 @@ def channel_to_space_dup(x: torch.Tensor, out_channels: int, factor: int = 2,
     return y if residual is None else y + residual
 
 
+def _state(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k, v: (..., D, N) -> [v; 1] relu(k)^T (..., D+1, D): a sum over the N positions."""
+    return torch.nn.functional.pad(v, (0, 0, 0, 1), value=1.0) @ torch.relu(k).transpose(-1, -2)
+
+
+def _apply(state: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+    """state (..., D+1, D), q (..., D, N) -> (state relu(q)) rows :D over row D + eps, (..., D, N)."""
+    out = state @ torch.relu(q)
+    return out[..., :-1, :] / (out[..., -1:, :] + eps)
+
+
 def _relu_linear_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """q, k, v: (..., D, N) channels first, already in the accumulation dtype -> (..., D, N).
 
     Linear form ([v; 1] relu(k)^T) relu(q), rows :D over row D + eps; the authors' quadratic form
     v (relu(k)^T relu(q) / (column sums + eps)) when N <= D. Both are the same function.
     """
-    q, k = torch.relu(q), torch.relu(k)
     if q.shape[-1] <= q.shape[-2]:
-        att = k.transpose(-1, -2) @ q  # (N keys, N queries)
+        att = torch.relu(k).transpose(-1, -2) @ torch.relu(q)  # (N keys, N queries)
         return v @ (att / (att.sum(-2, keepdim=True) + eps))
-    vk = torch.nn.functional.pad(v, (0, 0, 0, 1), value=1.0) @ k.transpose(-1, -2)  # (D+1, D)
-    out = vk @ q
-    return out[..., :-1, :] / (out[..., -1:, :] + eps)
+    return _apply(_state(k, v), q, eps)
+
+
+def _split_heads(qkv: torch.Tensor, head_dim: int):
+    """(B, heads*3*head_dim, H, W) -> q, k, v (B, heads, head_dim, H*W) in the accumulation dtype."""
+    return rearrange(qkv.to(accumulation_dtype(qkv)), "b (h p d) x y -> p b h d (x y)", p=3, d=head_dim)
 
 
 def relu_linear_attention(qkv: torch.Tensor, head_dim: int = 32, eps: float = 1e-15) -> torch.Tensor:
@@ -48,8 +61,23 @@ def relu_linear_attention(qkv: torch.Tensor, head_dim: int = 32, eps: float = 1e
 
     Per head, N = H*W: out = ([v; 1] relu(k)^T) relu(q), rows :D divided by row D + eps, in fp32 (diffusers).
     """
-    q, k, v = rearrange(qkv.to(accumulation_dtype(qkv)), "b (h p d) x y -> p b h d (x y)", p=3, d=head_dim)
-    out = _relu_linear_attention_heads(q, k, v, eps)
+    out = _relu_linear_attention_heads(*_split_heads(qkv, head_dim), eps)
+    return rearrange(out, "b h d (x y) -> b (h d) x y", x=qkv.shape[2], y=qkv.shape[3]).to(qkv.dtype)
+
+
+def relu_linear_attention_state(qkv: torch.Tensor, head_dim: int = 32) -> torch.Tensor:
+    """qkv: (B, heads*3*head_dim, H, W) -> the state [v; 1] relu(k)^T (B, heads, head_dim+1, head_dim), summed
+    over the H*W positions in the accumulation dtype. States of disjoint regions add up to the whole's."""
+    _, k, v = _split_heads(qkv, head_dim)
+    return _state(k, v)
+
+
+def relu_linear_attention_apply(qkv: torch.Tensor, state: torch.Tensor, head_dim: int = 32,
+                                eps: float = 1e-15) -> torch.Tensor:
+    """The attention of qkv's queries (B, heads*3*head_dim, H, W) over the keys summed into ``state``
+    (`relu_linear_attention_state`, possibly of a larger region) -> (B, heads*head_dim, H, W)."""
+    q, _, _ = _split_heads(qkv, head_dim)
+    out = _apply(state, q, eps)
     return rearrange(out, "b h d (x y) -> b (h d) x y", x=qkv.shape[2], y=qkv.shape[3]).to(qkv.dtype)
 
 

@@ -107,8 +107,8 @@ def test_inception_refuses_wrong_files(inception_file, tmp_path):
     bad = {k: v for k, v in state.items() if k != "Mixed_6e.branch_pool.bn.running_var"}
     bad["Conv2d_1a_3x3.conv.weight"] = torch.zeros(32, 3, 5, 5)
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"missing: Mixed_6e.branch_pool.bn.running_var; wrong shape: "
-                                         r"Conv2d_1a_3x3.conv.weight \(32, 3, 5, 5\)"):
+    with pytest.raises(ValueError, match=r"missing \(1\):\n    Mixed_6e.branch_pool.bn.running_var\n  "
+                                         r"mis-shaped \(1\):\n    Conv2d_1a_3x3.conv.weight: \(32, 3, 5, 5\)"):
         FIDInception.from_file(tmp_path / "bad.pth")
     with pytest.raises(FileNotFoundError, match="FID Inception needs local weights.*nothing is downloaded"):
         FIDInception.from_file(tmp_path / "absent.pth")

@@ -76,11 +76,15 @@ class LiteMLA(nn.Module):
         self.to_out = nn.Conv2d(channels * (1 + len(scales)), channels, 1, bias=False)
         self.norm_out = make_norm(norm, channels)
 
-    def forward(self, x):
+    def project_qkv(self, x):
+        """(B, C, H, W) -> the interleaved q, k, v of every head, multi-scale copies included."""
         qkv = self.qkv(x)
         if len(self.to_qkv_multiscale):
             qkv = torch.cat([qkv, *(m(qkv) for m in self.to_qkv_multiscale)], dim=1)
-        out = dcae_kernels.relu_linear_attention(qkv, self.head_dim, self.eps)
+        return qkv
+
+    def forward(self, x):
+        out = dcae_kernels.relu_linear_attention(self.project_qkv(x), self.head_dim, self.eps)
         return x + self.norm_out(self.to_out(out))
 
 

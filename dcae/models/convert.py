@@ -22,6 +22,7 @@ from typing import Mapping, NamedTuple
 
 import torch
 
+from ..weights import check_state_dict
 from .config import BLOCK_TYPES, PRESETS, DCAEConfig, get_config
 
 LAYOUTS = ("dcae", "diffusers", "authors")
@@ -66,24 +67,6 @@ def our_shapes(config: DCAEConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], what: str,
-                     limit: int = 20) -> None:
-    """Raise a ValueError listing every missing, unexpected and mis-shaped tensor (the first ``limit`` of each)."""
-    missing = [k for k in expected if k not in state_dict and not is_optional(k)]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f"{k}: {tuple(state_dict[k].shape)}, expected {tuple(expected[k])}"
-                 for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])]
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{what} does not fit: {len(missing)} missing, {len(unexpected)} unexpected, "
-             f"{len(misshaped)} mis-shaped tensors"]
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-        if items:
-            more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-            lines.append(f"  {label} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more)
-    raise ValueError("\n".join(lines))
-
-
 @dataclasses.dataclass(frozen=True)
 class KeyMap:
     """One layout of one config: ``rules`` cover our every key; ``shapes`` are our shapes."""
@@ -102,7 +85,7 @@ class KeyMap:
 
     def to_theirs(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our state dict -> this layout's (checked first)."""
-        check_state_dict(state_dict, self.shapes, "the model's state dict")
+        check_state_dict(state_dict, self.shapes, "the model's state dict", optional=is_optional)
         out = {}
         for rule in self.rules:
             if rule.ours in state_dict:
@@ -111,14 +94,14 @@ class KeyMap:
 
     def to_ours(self, state_dict: Mapping[str, torch.Tensor], what: str = "checkpoint") -> dict[str, torch.Tensor]:
         """This layout's state dict -> ours (checked first, in this layout's names)."""
-        check_state_dict(state_dict, self.their_shapes, f"{what} ({self.layout} layout)")
+        check_state_dict(state_dict, self.their_shapes, f"{what} ({self.layout} layout)", optional=is_optional)
         return {rule.ours: _to_ours(rule.kind, tuple(state_dict[k] for k in rule.theirs), self.shapes[rule.ours])
                 for rule in self.rules if all(k in state_dict for k in rule.theirs)}
 
     def matches(self, state_dict: Mapping[str, torch.Tensor]) -> bool:
         """Same keys (optional ones aside) and shapes."""
         try:
-            check_state_dict(state_dict, self.their_shapes, "", limit=0)
+            check_state_dict(state_dict, self.their_shapes, "", optional=is_optional, limit=0)
         except ValueError:
             return False
         return True

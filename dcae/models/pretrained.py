@@ -12,13 +12,13 @@ preset whose shapes it has.
 """
 import json
 import os
-import pickle
 import uuid
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
+from ..weights import torch_load
 from .config import DCAEConfig, get_config
 from .convert import (KeyMap, config_from_diffusers, config_to_diffusers, guess_layout, infer_preset, is_optional,
                       key_map, preset_name)
@@ -108,7 +108,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state_dict = safetensors.torch.load_file(path)
     elif path.suffix in TORCH_SUFFIXES:
-        state_dict = _unwrap(_torch_load(path), path)
+        state_dict = _unwrap(torch_load(path), path)
     else:
         raise ValueError(f"{path}: unknown weights file type {path.suffix!r} (expected .safetensors or one of "
                          f"{TORCH_SUFFIXES})")
@@ -123,16 +123,6 @@ def _read_diffusers_weights(folder: Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(json.loads((folder / DIFFUSERS_INDEX).read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in safetensors.torch.load_file(folder / shard).items()}
     return _read_weights(_first(folder, DIFFUSERS_WEIGHTS))
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "").split(" Please")[0]
-        raise ValueError(f"refusing to load {path}: it pickles objects other than tensors and plain containers, "
-                         f"and unpickling those can run arbitrary code (torch.load with weights_only=True). "
-                         f"{reason}") from None
 
 
 def _is_state_dict(obj) -> bool:

@@ -157,8 +157,9 @@ class Trainer:
                   "trainable_modules": self.trainable, "trainable_parameters": sum(self.trainable.values()),
                   "frozen_parameters": frozen, "lpips": self.lpips_status, "lpips_enabled": self.lpips is not None,
                   "processes": self.world.size, "device": str(self.device), "model_config": self.model.config.to_dict()}
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "run.json").write_text(json.dumps(record, indent=1))
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run.json").write_text(json.dumps(record, indent=1))
         self._log(f"phase {self.phase.number}: training {record['trainable_parameters']:,} parameters, "
                   f"{frozen:,} frozen", *(f"  trains {name}: {n:,}" for name, n in self.trainable.items()),
                   self.lpips_status)

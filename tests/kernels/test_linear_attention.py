@@ -468,3 +468,18 @@ def test_torch_compile_fullgraph_fwd_bwd():
     torch.testing.assert_close(y, y_eager)
     for a, b in zip(torch.autograd.grad(y, (qkv, *tokens)), torch.autograd.grad(y_eager, (qkv, *tokens))):
         torch.testing.assert_close(a, b)
+
+
+def test_reference_state_of_regions_adds_up():
+    """The split form tiled inference uses: states of disjoint regions sum to the whole image's state, and
+    applying it to any region gives that region of the whole attention (both the linear and quadratic paths)."""
+    torch.manual_seed(0)
+    for height in (4, 12):  # N = 16 <= D (quadratic path) and N = 48 > D (linear path)
+        qkv = torch.randn(2, 2 * 3 * 16, height, 4, dtype=torch.float64)
+        whole = reference.relu_linear_attention(qkv, 16)
+        top, bottom = qkv[..., : height // 2, :], qkv[..., height // 2:, :]
+        state = reference.relu_linear_attention_state(top, 16) + reference.relu_linear_attention_state(bottom, 16)
+        assert state.shape == (2, 2, 17, 16)
+        torch.testing.assert_close(reference.relu_linear_attention_state(qkv, 16), state)
+        torch.testing.assert_close(reference.relu_linear_attention_apply(bottom, state, 16),
+                                   whole[..., height // 2:, :])

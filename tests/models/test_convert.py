@@ -8,8 +8,9 @@ import torch
 
 from dcae import DCAE, PRESETS
 from dcae.models.convert import (AUTHORS_MODEL_NAMES, DIFFUSERS_DEFAULTS, check_authors_expressible,
-                                 check_state_dict, config_from_diffusers, config_to_diffusers, guess_layout,
-                                 infer_preset, key_map, preset_name)
+                                 config_from_diffusers, config_to_diffusers, guess_layout, infer_preset,
+                                 is_optional, key_map, preset_name)
+from dcae.weights import check_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderDC  # noqa: E402
@@ -179,11 +180,11 @@ def test_check_state_dict_lists_every_problem():
     expected = {f"w{i}": torch.Size([2]) for i in range(30)}
     given = {**{f"w{i}": torch.zeros(2) for i in range(5, 30)}, "w7": torch.zeros(3), "extra": torch.zeros(1)}
     with pytest.raises(ValueError) as info:
-        check_state_dict(given, expected, "ckpt", limit=3)
+        check_state_dict(given, expected, "ckpt", optional=is_optional, limit=3)
     msg = str(info.value)
     assert "5 missing, 1 unexpected, 1 mis-shaped" in msg
     assert "w0\n    w1\n    w2\n    ... and 2 more" in msg and "extra" in msg and "w7: (3,), expected (2,)" in msg
-    check_state_dict({}, {"bn.num_batches_tracked": torch.Size([])}, "ckpt")  # optional keys may be absent
+    check_state_dict({}, {"bn.num_batches_tracked": torch.Size([])}, "ckpt", optional=is_optional)  # optional keys may be absent
 
 
 def test_layout_and_preset_inference():

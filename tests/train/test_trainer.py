@@ -139,3 +139,14 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     latest = find_latest(out / "checkpoints")
     step = json.loads((latest / "state.json").read_text())["step"]
     assert step >= 1 and f"interrupted at step {step}" in output
+
+
+@pytest.mark.gpu
+def test_phases_on_cuda_with_triton_ops(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCAE_KERNELS_BACKEND", "triton")  # bf16 autocast through the Triton ops
+    first = run(tmp_path / "p1", phase=1, preset=PRESET, steps=3, device="cuda")
+    assert first.device.type == "cuda"
+    third = run(tmp_path / "p3", phase=3, init=tmp_path / "p1", steps=2, device="cuda")
+    evals = json.loads((tmp_path / "p3" / "eval.json").read_text())
+    assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in evals.values())
+    assert third.step == 2

@@ -1,0 +1,491 @@
+"""`python -m csrc_bench train`: one DC-AE training step as the trainer runs it (`Trainer.train_step` with one
+micro-batch: bf16 autocast forward, L1 + LPIPS loss, backward, AdamW step, zero_grad), in one run on one card:
+
+* phase 1 at 256px, f32c32, batch 32 (the next smaller batch after an out-of-memory): images/s and peak memory,
+  ours (`dcae.DCAE` on the Triton ops) against diffusers' `AutoencoderDC` with the same config and the same
+  (seeded random) weights; eager, then torch.compile of encoder and decoder if the budget allows;
+* phase 2 at 1024px: our model frozen for phase 2 (`freeze_for_phase(model, 2)`, `set_train_mode(model, 2)`,
+  AdamW over its trainable parameters) against the same model training everything (phase 1's set-up), at the
+  largest batch of 8, 4, 2 that the latter fits in: peak memory and their ratio.
+
+fp32 master weights, ``train()`` mode, phase 1's / phase 2's AdamW settings (`dcae.train.phases.PHASES`), LPIPS
+with random VGG weights (its cost does not depend on them). Each case starts from a fresh copy of the same
+weights with only that model on the device. Every case is guarded (an OOM or error becomes the row's ``error``)
+and the run keeps to a time budget (cases that would overrun it are recorded as skipped). Rows are printed and
+written as they finish: ``<out>/<date>-<gpu>-train.json`` and ``.md``; the ``.png`` chart at the end.
+``--smoke`` runs the same path on CPU in fp32 (no autocast, as the trainer on CPU) with the tiny preset at small
+sizes, no compile; peak memory is CUDA's, so there only its estimate (state + saved for backward) is given.
+Exit status 1 when a case failed (out-of-memory and budget skips are results, not failures) or without a GPU.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .common import COLORS, build_pair, compiled, footprint, median_ms, slug, stop_on_sigterm, sync, versions
+from .report import HERE, _fmt
+
+SPEEDUP_TARGET = 1.2  # phase 1: ours' images/s over diffusers'
+MEMORY_TARGET = 0.55  # phase 2: peak memory over training everything (paper: 67.81 / 153.98 GB = 0.44)
+PHASE_OF = {"all": 1, "phase 2": 2}  # what a case trains -> the phase whose set-up (freezing, AdamW) it uses
+EAGER_GUESS_S = 25.0  # budget estimates for a case before one of its kind has been measured
+FIRST_COMPILE_GUESS_S = 150.0  # compiling encoder and decoder, forward and backward
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, and how long it may take."""
+
+    preset: str  # a dcae preset with diffusers' architecture
+    device: str
+    dtype: torch.dtype  # the autocast dtype; float32: no autocast
+    phase1: tuple[int, tuple[int, ...]]  # (image side in px, batches to try, largest first: the next after an OOM)
+    phase2: tuple[int, tuple[int, ...]]  # the same for training everything; the frozen case runs at its batch
+    compile: bool
+    steps: int = 10  # timed steps per case, at most
+    warmup: int = 2  # untimed steps first (>= 1: the first one also counts what autograd saves for backward)
+    case_seconds: float = 8.0  # timed steps stop once they have taken about this long
+
+
+GPU = Plan("dc-ae-f32c32-in-1.0", "cuda", torch.bfloat16, (256, (32, 16, 8)), (1024, (8, 4, 2)), compile=True)
+SMOKE = Plan("tiny-f32c8", "cpu", torch.float32, (64, (4,)), (128, (2,)), compile=False, steps=2, warmup=1)
+
+
+def autocast(plan: Plan):
+    return (torch.autocast(plan.device, dtype=plan.dtype) if plan.dtype != torch.float32
+            else contextlib.nullcontext())
+
+
+def set_up(model: torch.nn.Module, provider: str, trains: str) -> torch.optim.AdamW:
+    """Freeze ``model`` for what the case trains, put it in train mode, and return the trainer's AdamW over its
+    trainable parameters. Ours: `freeze_for_phase` + `set_train_mode`; diffusers' model trains everything."""
+    from dcae.train.phases import PHASES, freeze_for_phase, set_train_mode
+
+    phase = PHASES[PHASE_OF[trains]]
+    if provider.startswith("ours"):
+        freeze_for_phase(model, phase.number)
+        set_train_mode(model, phase.number)
+    elif trains == "all":
+        model.requires_grad_(True).train()
+    else:
+        raise ValueError(f"only our model has phase-2 freezing, not {provider}")
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=phase.lr, betas=phase.betas,
+                             weight_decay=phase.weight_decay)
+
+
+def forward_fn(model: torch.nn.Module, provider: str):
+    """images -> reconstructions. The compiled providers compile the encoder and decoder modules (their own
+    forwards, as the eager models call them; static shapes)."""
+    if provider == "ours":
+        return model
+    if provider == "diffusers":
+        return lambda x: model(x).sample
+    encoder, decoder = compiled(model.encoder), compiled(model.decoder)
+    return lambda x: decoder(encoder(x))
+
+
+def train_step(forward, x: torch.Tensor, rec_loss, optimizer, plan: Plan) -> float:
+    """`Trainer.train_step` with one micro-batch, no GAN, EMA or LR schedule: returns the loss."""
+    with autocast(plan):
+        x_rec = forward(x).float()
+        loss, parts = rec_loss(x_rec, x)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts["rec"]
+
+
+@contextlib.contextmanager
+def graph_probe(model: torch.nn.Module, exclude: set[int]):
+    """Counts the bytes of the storages autograd saves for backward (each once; storages whose data pointer is in
+    ``exclude``, such as the parameters, left out) and names the first module whose output needs grad: where the
+    graph starts. Yields a dict with "saved" (data pointer -> bytes) and "first" (a qualified module name)."""
+    probe = {"saved": {}, "first": None}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            probe["saved"][storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def hook(name):
+        def record(module, args, out):
+            if probe["first"] is None and torch.is_tensor(out) and out.requires_grad:
+                probe["first"] = name
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield probe
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Parameters and buffers + the trainable parameters' gradients + the optimizer's state."""
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+                  if torch.is_tensor(t))
+    return footprint(model) + grads + moments
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device: str) -> tuple[float | None, float | None]:
+    """(allocated, reserved) GB at their peaks since `reset_peak`; (None, None) where not measured (CPU)."""
+    if device != "cuda":
+        return None, None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
+
+
+def images(side: int, batch: int, seed: int) -> torch.Tensor:
+    """Seeded random images in [-1, 1], (batch, 3, side, side), on the CPU: the same batch for every provider."""
+    return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(seed + side + batch)) * 2 - 1
+
+
+class Run:
+    """The rows of one run, its clock and budget, its models and loss, and its files."""
+
+    def __init__(self, plan: Plan, out: Path, start: float, budget_s: float, meta: dict, sources: dict,
+                 rec_loss, seed: int):
+        self.plan, self.meta, self.sources, self.rec_loss, self.seed = plan, meta, sources, rec_loss, seed
+        self.start, self.deadline = start, start + budget_s
+        self.walls = {False: [], True: []}  # seconds per case that ran, eager / compiled
+        self.rows: list[dict] = []
+        out.mkdir(parents=True, exist_ok=True)
+        self.stem = out / f"{meta['date']}-{slug(meta['gpu'])}-train"
+
+    def case(self, part: str, provider: str, trains: str, side: int, batch: int) -> dict:
+        """Run one case on a fresh copy of the provider's model; add its row (an error or a skip goes into it)
+        and return it."""
+        row = dict(model=self.plan.preset, part=part, provider=provider, trains=trains, shape=f"{side}px",
+                   batch=batch, images_per_s=None, ms=None, peak_gb=None, reserved_gb=None, state_gb=None,
+                   saved_gb=None, trainable_m=None, optimizer_m=None, frozen_grads=None, graph_from=None,
+                   loss=None, compile_s=None, wall_s=None, error=None, gpu=self.meta["gpu"],
+                   dtype=self.meta["dtype"], lpips=self.meta["lpips"], torch=self.meta["torch"],
+                   triton=self.meta["triton"], diffusers=self.meta["diffusers"])
+        compiles = provider.endswith("-compile")
+        guess = FIRST_COMPILE_GUESS_S if compiles else EAGER_GUESS_S
+        estimate = max(self.walls[compiles], default=guess)
+        if time.perf_counter() + estimate > self.deadline:
+            row["error"] = f"skipped: would end past the run's time budget (about {estimate:.0f} s needed)"
+            self.add(row)
+            return row
+        start = time.perf_counter()
+        try:
+            self._measure(row, images(side, batch, self.seed))
+        except Exception as e:  # noqa: BLE001 - an OOM or a failing provider is a result, not the end of the run
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+            row["peak_gb"], row["reserved_gb"] = peak_gb(self.plan.device)  # how far it got
+        gc.collect()
+        if compiles:
+            torch._dynamo.reset()  # its caches hold the compiled model
+        if self.plan.device == "cuda":
+            torch.cuda.empty_cache()
+        row["wall_s"] = time.perf_counter() - start
+        if not row["error"]:
+            self.walls[compiles].append(row["wall_s"])
+        self.add(row)
+        return row
+
+    def _measure(self, row: dict, x: torch.Tensor) -> None:
+        """The first step (compiling, or counting what autograd saves), the other warm-up steps, then the timed
+        steps with the peak memory over them (the steady state: AdamW's state exists, autotuning is done)."""
+        plan, provider = self.plan, row["provider"]
+        reset_peak(plan.device)
+        model = copy.deepcopy(self.sources[provider.split("-")[0]]).to(plan.device)
+        optimizer = set_up(model, provider, row["trains"])
+        forward, x = forward_fn(model, provider), x.to(plan.device)
+
+        def step(x):
+            return train_step(forward, x, self.rec_loss, optimizer, plan)
+
+        start = time.perf_counter()
+        if row["provider"].endswith("-compile"):
+            row["loss"] = step(x)
+            sync(plan.device)
+            row["compile_s"] = time.perf_counter() - start
+        else:
+            exclude = {t.untyped_storage().data_ptr() for module in (model, self.rec_loss)
+                       for t in [*module.parameters(), *module.buffers()]} | {x.untyped_storage().data_ptr()}
+            with graph_probe(model, exclude) as probe:
+                row["loss"] = step(x)
+            row.update(saved_gb=sum(probe["saved"].values()) / 1e9, graph_from=probe["first"])
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        row.update(state_gb=state_bytes(model, optimizer) / 1e9, trainable_m=sum(p.numel() for p in trainable) / 1e6,
+                   optimizer_m=sum(p.numel() for g in optimizer.param_groups for p in g["params"]) / 1e6,
+                   frozen_grads=sum(p.grad is not None for p in model.parameters() if not p.requires_grad))
+        for _ in range(plan.warmup - 1):
+            step(x)
+        reset_peak(plan.device)
+        ms, _ = median_ms(step, x, plan.device, plan.steps, 0, plan.case_seconds)
+        row.update(ms=ms, images_per_s=row["batch"] * 1e3 / ms)
+        row["peak_gb"], row["reserved_gb"] = peak_gb(plan.device)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(progress_line(row, time.perf_counter() - self.start), flush=True)
+        self.write()
+
+    def write(self, plot_too: bool = False) -> None:
+        self.meta["wall_s"] = round(time.perf_counter() - self.start, 1)
+        self.stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        self.stem.with_suffix(".md").write_text(markdown(self.rows, self.meta, self.plan))
+        if plot_too:
+            plot(self.rows, self.stem.with_suffix(".png"), f"DC-AE {self.plan.preset} training step: ours vs "
+                                                             f"diffusers, {self.meta['gpu']}, {self.meta['dtype']} "
+                                                             f"({self.meta['date']})")
+
+
+def progress_line(row: dict, elapsed: float) -> str:
+    case = (f"[{elapsed:6.1f} s] {row['part']} {row['provider']:<17} trains {row['trains']:<7} {row['shape']:>6} "
+            f"B{row['batch']:<2}")
+    if row["error"]:
+        return f"{case} {row['error']}"
+    line = f"{case} {row['images_per_s']:8.2f} img/s {row['ms']:9.1f} ms"
+    if row["peak_gb"] is not None:
+        line += f"  peak {row['peak_gb']:6.2f} GB"
+    line += f"  state {row['state_gb']:.3f} GB"
+    if row["saved_gb"] is not None:
+        line += f"  saved {row['saved_gb']:.3f} GB  graph from {row['graph_from']}"
+    if row["compile_s"] is not None:
+        line += f"  (compiled in {row['compile_s']:.1f} s)"
+    return line
+
+
+def find(rows: list[dict], part: str, provider: str, trains: str, batch: int) -> dict | None:
+    """The row of that case that ran without error, or None."""
+    return next((r for r in rows if (r["part"], r["provider"], r["trains"], r["batch"]) == (part, provider, trains,
+                                                                                              batch)
+                 and not r["error"]), None)
+
+
+def estimate_gb(row: dict) -> float | None:
+    """What a CPU run offers instead of the peak: state + saved for backward."""
+    return None if row["saved_gb"] is None else row["state_gb"] + row["saved_gb"]
+
+
+def targets(rows: list[dict], plan: Plan) -> list[tuple[bool | None, str]]:
+    """The issue's targets, each (met: True / False / None when it cannot be judged here, what was compared)."""
+    checks = []
+    side, batches = plan.phase1
+    for ours, base in (("ours", "diffusers"), ("ours-compile", "diffusers-compile")):
+        pair = next(((b, find(rows, "phase 1", ours, "all", b), find(rows, "phase 1", base, "all", b))
+                     for b in batches if find(rows, "phase 1", ours, "all", b)
+                     and find(rows, "phase 1", base, "all", b)), None)
+        if pair is None:
+            if ours == "ours" or any(r["provider"] == ours for r in rows):
+                checks.append((False if ours == "ours" else None,
+                               f"phase 1 {side}px: {ours} vs {base} images/s: not both measured at one batch"))
+            continue
+        batch, o, d = pair
+        note = "" if batch == batches[0] else f" (B{batches[0]} did not fit, see the errors)"
+        ratio = o["images_per_s"] / d["images_per_s"]
+        peaks = (f"; peak {_fmt(o['peak_gb'], 2)} vs {_fmt(d['peak_gb'], 2)} GB" if o["peak_gb"] is not None
+                 else "")
+        checks.append((ratio >= SPEEDUP_TARGET,
+                       f"phase 1 {side}px B{batch}{note}: {ours} {o['images_per_s']:.2f} img/s >= {SPEEDUP_TARGET} x "
+                       f"{base} {d['images_per_s']:.2f} img/s (x{ratio:.2f}){peaks}"))
+    side, batches = plan.phase2
+    pair = next(((b, find(rows, "phase 2", "ours", "phase 2", b), find(rows, "phase 2", "ours", "all", b))
+                 for b in batches if find(rows, "phase 2", "ours", "phase 2", b)
+                 and find(rows, "phase 2", "ours", "all", b)), None)
+    what = f"phase 2 {side}px: peak memory training the middle layers <= {MEMORY_TARGET} x training everything"
+    if pair is None:
+        checks.append((False, f"{what}: not both measured at one batch"))
+    elif pair[1]["peak_gb"] is not None and pair[2]["peak_gb"] is not None:
+        batch, frozen, full = pair
+        ratio = frozen["peak_gb"] / full["peak_gb"]
+        checks.append((ratio <= MEMORY_TARGET, f"{what}, B{batch}: {frozen['peak_gb']:.2f} / {full['peak_gb']:.2f} "
+                                               f"GB = {ratio:.3f}"))
+    else:
+        batch, frozen, full = pair
+        ratio = estimate_gb(frozen) / estimate_gb(full)
+        checks.append((None, f"{what}, B{batch}: peak not measured on {frozen['gpu']}; estimate (state + saved for "
+                             f"backward) {estimate_gb(frozen):.3f} / {estimate_gb(full):.3f} GB = {ratio:.3f}"))
+    return checks
+
+
+def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
+    lines = [f"# DC-AE {meta['preset']} training step: ours vs diffusers AutoencoderDC on {meta['gpu']} "
+             f"({meta['date']})", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, diffusers {meta['diffusers']}, dcae_kernels backend "
+             f"{meta['backend']}; {meta['params'] / 1e6:.1f} M parameters. One step = the trainer's `train_step` "
+             f"with one micro-batch: forward under {meta['dtype']} autocast (fp32: none) in train() mode, "
+             f"{meta['loss']}, backward, AdamW step, zero_grad; fp32 master weights; phase 1's AdamW settings "
+             "(lr 6.4e-5, wd 0.1) where everything trains, phase 2's (`freeze_for_phase(model, 2)` + "
+             "`set_train_mode`, AdamW over the trainable parameters only) for `trains: phase 2`. Same seeded random "
+             "weights (diffusers `save_pretrained` -> `DCAE.from_pretrained`), a fresh copy per case with only that "
+             "model (and LPIPS) on the device; the same random images for every case of a shape and batch. "
+             f"ms = median per step (CUDA events around each step; the wall clock on CPU) over at most {plan.steps} "
+             f"steps after {plan.warmup} warm-up steps (a compiled provider's first step, which compiles, is given "
+             "as compile s); images/s = batch / ms. peak GB = `torch.cuda.max_memory_allocated` over the timed "
+             "steps (everything the process holds: weights, gradients, AdamW state, activations, LPIPS, the "
+             "batch), reserved GB its allocator's reserve; not measured on CPU. state GB = weights + trainable "
+             "gradients + AdamW state; saved GB = storages autograd keeps for backward in the first step "
+             "(parameters and the input excluded; eager only); graph from = the first module whose output needs "
+             "grad (in phase 2 the frozen front builds no graph); trainable M = trainable parameters, all in the "
+             "optimizer; frozen grads = frozen parameters holding a gradient after a step (0 expected). loss = the "
+             "first step's (same weights and images: comparable across providers). x diffusers = this row's "
+             "images/s over diffusers eager's for the same batch; peak / all = this row's peak GB over training "
+             "everything's for the same batch.", "",
+             "| part | shape | batch | provider | trains | images/s | ms | peak GB | reserved GB | state GB | saved GB "
+             "| trainable M | frozen grads | graph from | loss | x diffusers | peak / all | compile s | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = find(rows, r["part"], "diffusers", "all", r["batch"])
+        full = find(rows, r["part"], "ours", "all", r["batch"])
+        speedup = r["images_per_s"] / base["images_per_s"] if base and r["images_per_s"] else None
+        peak_ratio = (r["peak_gb"] / full["peak_gb"] if full and full["peak_gb"] and r["peak_gb"] is not None
+                      and not r["error"] else None)
+        lines.append(f"| {r['part']} | {r['shape']} | {r['batch']} | {r['provider']} | {r['trains']} | "
+                     f"{_fmt(r['images_per_s'], 2)} | {_fmt(r['ms'], 1)} | {_fmt(r['peak_gb'], 2)} | "
+                     f"{_fmt(r['reserved_gb'], 2)} | {_fmt(r['state_gb'], 3)} | {_fmt(r['saved_gb'], 3)} | "
+                     f"{_fmt(r['trainable_m'], 2)} | {r['frozen_grads'] if r['frozen_grads'] is not None else ''} | "
+                     f"{r['graph_from'] or ''} | {_fmt(r['loss'], 5)} | {_fmt(speedup, 2)} | {_fmt(peak_ratio, 3)} | "
+                     f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
+    lines += ["", "## Targets", ""]
+    lines += [f"- {dict([(True, 'MET'), (False, 'NOT MET'), (None, 'n/a')])[met]}: {what}"
+              for met, what in targets(rows, plan)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Phase 1: images/s per provider and batch; both parts: peak GB per case (the estimate where no peak was
+    measured), with phase 2's target line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ran = [r for r in rows if not r["error"]]
+    measured = any(r["peak_gb"] is not None for r in ran)
+    label = lambda r: f"{r['part']}\n{r['shape']} B{r['batch']}\n{r['provider']}\ntrains {r['trains']}"  # noqa: E731
+    color = lambda r: COLORS[r["provider"]] if r["trains"] == "all" else "tab:purple"  # noqa: E731
+    fig, axes = plt.subplots(2, 1, figsize=(12, 10))
+    speed = [r for r in ran if r["part"] == "phase 1"]
+    axes[0].bar(range(len(speed)), [r["images_per_s"] for r in speed], color=[color(r) for r in speed],
+                edgecolor="k", lw=0.3)
+    axes[0].set_xticks(range(len(speed)), [label(r) for r in speed], fontsize=7)
+    axes[0].set_ylabel("images/s")
+    axes[0].set_title("phase 1 training step throughput (higher is better)", fontsize=10)
+    value = (lambda r: r["peak_gb"] or 0) if measured else (lambda r: estimate_gb(r) or 0)  # noqa: E731
+    axes[1].bar(range(len(ran)), [value(r) for r in ran], color=[color(r) for r in ran], edgecolor="k", lw=0.3)
+    axes[1].set_xticks(range(len(ran)), [label(r) for r in ran], fontsize=7)
+    axes[1].set_ylabel("peak GB" if measured else "state + saved GB (estimate)")
+    for r in ran:
+        if r["part"] == "phase 2" and r["trains"] == "all":
+            axes[1].axhline(MEMORY_TARGET * value(r), color="k", ls="--", lw=1,
+                            label=f"phase 2 target: {MEMORY_TARGET} x training everything (B{r['batch']})")
+            axes[1].legend(fontsize=7, loc="upper left")
+    axes[1].set_title("memory per training step (lower is better)", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def oom(row: dict) -> bool:
+    return (row["error"] or "").startswith("OutOfMemoryError")
+
+
+def failed(row: dict) -> bool:
+    """An error that is not a result: out-of-memory picks the batch and a skip keeps to the budget."""
+    return bool(row["error"]) and not oom(row) and not row["error"].startswith("skipped:")
+
+
+def run_cases(run: Run, compile_: bool) -> None:
+    """Phase 1 eager (ours and diffusers at the largest batch both fit), phase 2 (training everything at the
+    largest batch that fits, then frozen at it), then the compiled providers (whose compiling steps are the slow
+    part, so a tight budget drops them first)."""
+    side, batches = run.plan.phase1
+    batch1 = None
+    for batch in batches:
+        done = [run.case("phase 1", provider, "all", side, batch) for provider in ("diffusers", "ours")]
+        if not any(oom(row) for row in done):
+            batch1 = batch
+            break
+    side, batches = run.plan.phase2
+    for batch in batches:
+        if not oom(run.case("phase 2", "ours", "all", side, batch)):
+            run.case("phase 2", "ours", "phase 2", side, batch)
+            break
+    if compile_ and batch1 is not None:
+        for provider in ("diffusers-compile", "ours-compile"):
+            run.case("phase 1", provider, "all", run.plan.phase1[0], batch1)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m csrc_bench train",
+                                     description="DC-AE training step: ours vs diffusers' AutoencoderDC (train.py)")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, small images, CPU, fp32, no compile")
+    parser.add_argument("--out", type=Path, help="where the results go (default csrc_bench/results; with --smoke "
+                                                 "a folder in the temp dir)")
+    parser.add_argument("--budget", type=float, default=200.0,
+                        help="seconds the run may take; cases that would end later are recorded as skipped")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure the torch.compile providers last (default: on, off with --smoke)")
+    parser.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
+                        help="LPIPS (random VGG16 weights) in the loss, as in the trainer's phase 1 and 2 (default on)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("python -m csrc_bench train needs a CUDA GPU and this machine has none: nothing measured "
+              "(--smoke runs a tiny version on CPU).")
+        return 1
+    plan = SMOKE if args.smoke else GPU
+    compile_ = plan.compile if args.compile is None else args.compile
+    out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-train-smoke" if args.smoke else HERE / "results")
+
+    import dcae_kernels
+    from dcae.lpips import LPIPS
+    from dcae.train.losses import ReconstructionLoss
+
+    loss = "L1 + LPIPS (VGG16, random weights)" if args.lpips else "L1 (no LPIPS: --no-lpips)"
+    meta = dict(gpu="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+                date=datetime.date.today().isoformat(), preset=plan.preset, dtype=str(plan.dtype).split(".")[-1],
+                backend=dcae_kernels.backend(), seed=args.seed, budget_s=args.budget, compile=compile_,
+                lpips=args.lpips, loss=loss, **versions())
+    if not args.smoke:
+        meta["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 1e9
+    previous, threads = signal.signal(signal.SIGTERM, stop_on_sigterm), torch.get_num_threads()
+    if args.smoke:
+        torch.set_num_threads(1)  # at these sizes CPU threads only contend (10x slower on a busy 2-core machine)
+    run = None
+    try:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            ours, theirs = build_pair(plan.preset, Path(folder), args.seed)
+        torch.manual_seed(args.seed)
+        rec_loss = ReconstructionLoss(LPIPS().to(plan.device) if args.lpips else None)
+        meta.update(params=sum(p.numel() for p in theirs.parameters()), weights_gb=footprint(ours) / 1e9)
+        run = Run(plan, out, start, args.budget, meta, {"ours": ours.float(), "diffusers": theirs.float()},
+                  rec_loss, args.seed)
+        print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded in "
+              f"{time.perf_counter() - start:.1f} s; {loss}; torch {meta['torch']}, triton {meta['triton']}, "
+              f"diffusers {meta['diffusers']}, backend {meta['backend']}", flush=True)
+        run_cases(run, compile_)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        torch.set_num_threads(threads)
+        if run is not None:
+            run.write(plot_too=True)
+            print(run.stem.with_suffix(".md").read_text())
+            print(f"written: {run.stem.with_suffix('.json')}, {run.stem.with_suffix('.md')}, "
+                  f"{run.stem.with_suffix('.png')} ({time.perf_counter() - run.start:.0f} s)")
+    return 1 if any(failed(r) for r in run.rows) else 0
