@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (device tool): GPU tests, the kernel benchmarks, the model benchmark; logs and
-# results to $OUT. Usage there: [STEPS="tests bench model"] OUT=/some/dir bash csrc_bench/gpu_check.sh [pytest -k
-# expression for the kernel benchmarks]. STEPS picks the steps (default all three, about 10 minutes: more than one
-# call may take, so name fewer). MODEL_ARGS: more options for `python -m csrc_bench model` (--smoke: a CPU dry run).
+# One call on a lent GPU machine (device tool): GPU tests, the kernel benchmarks, the model benchmark, the training
+# benchmark; logs and results to $OUT. Usage there: [STEPS="tests bench model train"] OUT=/some/dir bash
+# csrc_bench/gpu_check.sh [pytest -k expression for the kernel benchmarks]. STEPS picks the steps (default all four,
+# about 14 minutes: more than one call may take, so name fewer). MODEL_ARGS / TRAIN_ARGS: more options for
+# `python -m csrc_bench model` / `train` (--smoke: a CPU dry run; train: --no-lpips, --budget is TRAIN_BUDGET).
 #
-# diffusers (model step) is not on that machine: carry it as wheels. Once, here, in the repo root (/.whl/ is in
-# .gitignore):
+# diffusers (model and train steps) is not on that machine: carry it as wheels. Once, here, in the repo root
+# (/.whl/ is in .gitignore):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 # The model benchmark, `python -m csrc_bench model` (about 4 minutes with its torch.compile warm-ups), as one call:
 #   run(command="STEPS=model bash csrc_bench/gpu_check.sh", carry=[".whl"], timeout_s=360)
-# and with the GPU tests before it: STEPS="tests model", timeout_s=540. Copy what comes back into
-# csrc_bench/results/, then give_back.
+# and with the GPU tests before it: STEPS="tests model", timeout_s=540. The training benchmark, `python -m
+# csrc_bench train` (phase-1 step ours vs diffusers at 256px B32, phase-2 memory at 1024px; about 4 minutes,
+# TRAIN_BUDGET=200 s of cases, torch.compile last if that leaves room), as one call:
+#   run(command="STEPS=train bash csrc_bench/gpu_check.sh", carry=[".whl"], timeout_s=330)
+# Its torch.compile cases (about 2-3 minutes each to compile) need a longer budget: TRAIN_BUDGET=450 TRAIN_TIMEOUT=500
+# in the command, timeout_s=580.
+# Copy what comes back into csrc_bench/results/, then give_back.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/gpu-out}
-STEPS=" ${STEPS:-tests bench model} "
+STEPS=" ${STEPS:-tests bench model train} "
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
@@ -23,7 +29,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site && python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
 else
-  echo "no .whl/ wheels carried: diffusers is missing, the model benchmark cannot run (see the top of this script)"
+  echo "no .whl/ wheels carried: diffusers is missing, the model and train benchmarks cannot run (see the top)"
 fi
 if [[ $STEPS == *" bench "* ]]; then  # the CUDA C++ baseline builds in the background while the tests run
   python3 -c "from csrc_bench.cuda_shortcut import extension; extension(); print('cuda extension built')" \
@@ -49,6 +55,14 @@ if [[ $STEPS == *" model "* ]]; then  # prints a line per case as it ends; json 
     ${MODEL_ARGS:-} 2>&1 | tee "$OUT/model.txt" | grep --line-buffered -E "^\[|parameters|Error|nothing measured"
   echo "model benchmark: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"
   sed -n '/^## Targets/,$p' "$OUT/model.txt"
+fi
+if [[ $STEPS == *" train "* ]]; then  # a line per case as it ends; json + md after each case, png at the end
+  start=$SECONDS
+  timeout -k 10 "${TRAIN_TIMEOUT:-240}" python3 -m csrc_bench train --out "$OUT" --budget "${TRAIN_BUDGET:-200}" \
+    ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.txt" \
+    | grep --line-buffered -E "^\[|parameters, built|^[A-Za-z.]*Error|nothing measured"
+  echo "train benchmark: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"
+  sed -n '/^## Targets/,$p' "$OUT/train.txt"
 fi
 # The device tool brings back at most 8 files: past that, the logs travel as one archive.
 if (( $(find "$OUT" -type f | wc -l) > 8 )); then

@@ -107,14 +107,17 @@ def train_step(forward, x: torch.Tensor, rec_loss, optimizer, plan: Plan) -> flo
 @contextlib.contextmanager
 def graph_probe(model: torch.nn.Module, exclude: set[int]):
     """Counts the bytes of the storages autograd saves for backward (each once; storages whose data pointer is in
-    ``exclude``, such as the parameters, left out) and names the first module whose output needs grad: where the
-    graph starts. Yields a dict with "saved" (data pointer -> bytes) and "first" (a qualified module name)."""
-    probe = {"saved": {}, "first": None}
+    ``exclude``, such as the parameters, left out), those saved after ``model``'s forward (by the loss) apart, and
+    names the first module whose output needs grad: where the graph starts. Yields a dict with "saved" (data
+    pointer -> bytes), "loss" (the data pointers the loss saved first) and "first" (a qualified module name)."""
+    probe = {"saved": {}, "loss": set(), "first": None, "in_loss": False}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in exclude:
+        if storage.data_ptr() not in exclude and storage.data_ptr() not in probe["saved"]:
             probe["saved"][storage.data_ptr()] = storage.nbytes()
+            if probe["in_loss"]:
+                probe["loss"].add(storage.data_ptr())
         return t
 
     def hook(name):
@@ -124,6 +127,7 @@ def graph_probe(model: torch.nn.Module, exclude: set[int]):
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    handles.append(model.register_forward_hook(lambda *args: probe.update(in_loss=True)))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield probe
@@ -176,8 +180,8 @@ class Run:
         and return it."""
         row = dict(model=self.plan.preset, part=part, provider=provider, trains=trains, shape=f"{side}px",
                    batch=batch, images_per_s=None, ms=None, peak_gb=None, reserved_gb=None, state_gb=None,
-                   saved_gb=None, trainable_m=None, optimizer_m=None, frozen_grads=None, graph_from=None,
-                   loss=None, compile_s=None, wall_s=None, error=None, gpu=self.meta["gpu"],
+                   saved_gb=None, loss_saved_gb=None, trainable_m=None, optimizer_m=None, frozen_grads=None,
+                   graph_from=None, loss=None, compile_s=None, wall_s=None, error=None, gpu=self.meta["gpu"],
                    dtype=self.meta["dtype"], lpips=self.meta["lpips"], torch=self.meta["torch"],
                    triton=self.meta["triton"], diffusers=self.meta["diffusers"])
         compiles = provider.endswith("-compile")
@@ -226,7 +230,8 @@ class Run:
                        for t in [*module.parameters(), *module.buffers()]} | {x.untyped_storage().data_ptr()}
             with graph_probe(model, exclude) as probe:
                 row["loss"] = step(x)
-            row.update(saved_gb=sum(probe["saved"].values()) / 1e9, graph_from=probe["first"])
+            row.update(saved_gb=sum(probe["saved"].values()) / 1e9, graph_from=probe["first"],
+                       loss_saved_gb=sum(probe["saved"][ptr] for ptr in probe["loss"]) / 1e9)
         trainable = [p for p in model.parameters() if p.requires_grad]
         row.update(state_gb=state_bytes(model, optimizer) / 1e9, trainable_m=sum(p.numel() for p in trainable) / 1e6,
                    optimizer_m=sum(p.numel() for g in optimizer.param_groups for p in g["params"]) / 1e6,
@@ -263,7 +268,8 @@ def progress_line(row: dict, elapsed: float) -> str:
         line += f"  peak {row['peak_gb']:6.2f} GB"
     line += f"  state {row['state_gb']:.3f} GB"
     if row["saved_gb"] is not None:
-        line += f"  saved {row['saved_gb']:.3f} GB  graph from {row['graph_from']}"
+        line += (f"  saved {row['saved_gb']:.3f} GB (loss {row['loss_saved_gb']:.3f})  graph from "
+                 f"{row['graph_from']}")
     if row["compile_s"] is not None:
         line += f"  (compiled in {row['compile_s']:.1f} s)"
     return line
@@ -276,9 +282,11 @@ def find(rows: list[dict], part: str, provider: str, trains: str, batch: int) ->
                  and not r["error"]), None)
 
 
-def estimate_gb(row: dict) -> float | None:
-    """What a CPU run offers instead of the peak: state + saved for backward."""
-    return None if row["saved_gb"] is None else row["state_gb"] + row["saved_gb"]
+def estimate_gb(row: dict, loss: bool = True) -> float | None:
+    """What a CPU run offers instead of the peak: state + saved for backward (``loss``: the loss's share too)."""
+    if row["saved_gb"] is None:
+        return None
+    return row["state_gb"] + row["saved_gb"] - (0 if loss else row["loss_saved_gb"])
 
 
 def targets(rows: list[dict], plan: Plan) -> list[tuple[bool | None, str]]:
@@ -317,46 +325,55 @@ def targets(rows: list[dict], plan: Plan) -> list[tuple[bool | None, str]]:
     else:
         batch, frozen, full = pair
         ratio = estimate_gb(frozen) / estimate_gb(full)
+        bare = estimate_gb(frozen, loss=False) / estimate_gb(full, loss=False)
         checks.append((None, f"{what}, B{batch}: peak not measured on {frozen['gpu']}; estimate (state + saved for "
-                             f"backward) {estimate_gb(frozen):.3f} / {estimate_gb(full):.3f} GB = {ratio:.3f}"))
+                             f"backward) {estimate_gb(frozen):.3f} / {estimate_gb(full):.3f} GB = {ratio:.3f} "
+                             f"({bare:.3f} without what the loss saves)"))
     return checks
 
 
 def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
-    lines = [f"# DC-AE {meta['preset']} training step: ours vs diffusers AutoencoderDC on {meta['gpu']} "
+    autocast_text = ("in fp32 (no autocast, as the trainer on CPU)" if meta["dtype"] == "float32"
+                     else f"under {meta['dtype']} autocast")
+    memory = f" ({meta['gpu_memory_gb']:.0f} GB)" if meta.get("gpu_memory_gb") else ""
+    lines = [f"# DC-AE {meta['preset']} training step: ours vs diffusers AutoencoderDC on {meta['gpu']}{memory} "
              f"({meta['date']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, diffusers {meta['diffusers']}, dcae_kernels backend "
              f"{meta['backend']}; {meta['params'] / 1e6:.1f} M parameters. One step = the trainer's `train_step` "
-             f"with one micro-batch: forward under {meta['dtype']} autocast (fp32: none) in train() mode, "
+             f"with one micro-batch: forward {autocast_text} in train() mode, "
              f"{meta['loss']}, backward, AdamW step, zero_grad; fp32 master weights; phase 1's AdamW settings "
              "(lr 6.4e-5, wd 0.1) where everything trains, phase 2's (`freeze_for_phase(model, 2)` + "
              "`set_train_mode`, AdamW over the trainable parameters only) for `trains: phase 2`. Same seeded random "
              "weights (diffusers `save_pretrained` -> `DCAE.from_pretrained`), a fresh copy per case with only that "
              "model (and LPIPS) on the device; the same random images for every case of a shape and batch. "
              f"ms = median per step (CUDA events around each step; the wall clock on CPU) over at most {plan.steps} "
-             f"steps after {plan.warmup} warm-up steps (a compiled provider's first step, which compiles, is given "
+             f"steps after {plan.warmup} warm-up step(s) (a compiled provider's first step, which compiles, is given "
              "as compile s); images/s = batch / ms. peak GB = `torch.cuda.max_memory_allocated` over the timed "
              "steps (everything the process holds: weights, gradients, AdamW state, activations, LPIPS, the "
              "batch), reserved GB its allocator's reserve; not measured on CPU. state GB = weights + trainable "
              "gradients + AdamW state; saved GB = storages autograd keeps for backward in the first step "
-             "(parameters and the input excluded; eager only); graph from = the first module whose output needs "
-             "grad (in phase 2 the frozen front builds no graph); trainable M = trainable parameters, all in the "
-             "optimizer; frozen grads = frozen parameters holding a gradient after a step (0 expected). loss = the "
-             "first step's (same weights and images: comparable across providers). x diffusers = this row's "
-             "images/s over diffusers eager's for the same batch; peak / all = this row's peak GB over training "
-             "everything's for the same batch.", "",
+             "(parameters and the input excluded; eager only), loss saved GB = the part of it the loss (LPIPS) "
+             "saves; graph from = the first module whose output needs grad (in phase 2 the frozen front builds no "
+             "graph); trainable M = trainable parameters, all in the optimizer; frozen grads = frozen parameters "
+             "holding a gradient after a step (0 expected). loss = the first step's (same weights and images: ours' "
+             "and diffusers' agree; with phase 2's freezing the frozen BatchNorms use their running statistics). "
+             "x diffusers = this row's images/s over diffusers eager's for the same batch; peak / all = this row's "
+             "peak GB over training everything's for the same batch (phase 2). A case that ran out of memory gives "
+             "the peak it reached and is retried at the next smaller batch.", "",
              "| part | shape | batch | provider | trains | images/s | ms | peak GB | reserved GB | state GB | saved GB "
-             "| trainable M | frozen grads | graph from | loss | x diffusers | peak / all | compile s | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| loss saved GB | trainable M | frozen grads | graph from | loss | x diffusers | peak / all | compile s "
+             "| error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = find(rows, r["part"], "diffusers", "all", r["batch"])
         full = find(rows, r["part"], "ours", "all", r["batch"])
         speedup = r["images_per_s"] / base["images_per_s"] if base and r["images_per_s"] else None
-        peak_ratio = (r["peak_gb"] / full["peak_gb"] if full and full["peak_gb"] and r["peak_gb"] is not None
-                      and not r["error"] else None)
+        peak_ratio = (r["peak_gb"] / full["peak_gb"] if r["trains"] != "all" and full and full["peak_gb"]
+                      and r["peak_gb"] is not None and not r["error"] else None)
         lines.append(f"| {r['part']} | {r['shape']} | {r['batch']} | {r['provider']} | {r['trains']} | "
                      f"{_fmt(r['images_per_s'], 2)} | {_fmt(r['ms'], 1)} | {_fmt(r['peak_gb'], 2)} | "
                      f"{_fmt(r['reserved_gb'], 2)} | {_fmt(r['state_gb'], 3)} | {_fmt(r['saved_gb'], 3)} | "
+                     f"{_fmt(r['loss_saved_gb'], 3)} | "
                      f"{_fmt(r['trainable_m'], 2)} | {r['frozen_grads'] if r['frozen_grads'] is not None else ''} | "
                      f"{r['graph_from'] or ''} | {_fmt(r['loss'], 5)} | {_fmt(speedup, 2)} | {_fmt(peak_ratio, 3)} | "
                      f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
@@ -389,9 +406,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes[1].set_xticks(range(len(ran)), [label(r) for r in ran], fontsize=7)
     axes[1].set_ylabel("peak GB" if measured else "state + saved GB (estimate)")
     for r in ran:
-        if r["part"] == "phase 2" and r["trains"] == "all":
-            axes[1].axhline(MEMORY_TARGET * value(r), color="k", ls="--", lw=1,
-                            label=f"phase 2 target: {MEMORY_TARGET} x training everything (B{r['batch']})")
+        if r["part"] == "phase 2" and r["trains"] == "all":  # over the phase-2 bars of that batch
+            bars = [i for i, q in enumerate(ran) if (q["part"], q["batch"]) == ("phase 2", r["batch"])]
+            axes[1].hlines(MEMORY_TARGET * value(r), min(bars) - 0.4, max(bars) + 0.4, color="k", ls="--", lw=1,
+                           label=f"phase 2 target: {MEMORY_TARGET} x training everything (B{r['batch']})")
             axes[1].legend(fontsize=7, loc="upper left")
     axes[1].set_title("memory per training step (lower is better)", fontsize=10)
     fig.suptitle(title)
@@ -401,7 +419,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def oom(row: dict) -> bool:
-    return (row["error"] or "").startswith("OutOfMemoryError")
+    """Whether the case ran out of device memory (torch's allocator, or cuDNN / cuBLAS failing to allocate)."""
+    error = row["error"] or ""
+    return error.startswith("OutOfMemoryError") or "out of memory" in error.lower() or "ALLOC_FAILED" in error
 
 
 def failed(row: dict) -> bool:
