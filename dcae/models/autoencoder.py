@@ -1,11 +1,22 @@
 """The DC-AE encoder, decoder and the `DCAE` model (weight-compatible with diffusers' AutoencoderDC)."""
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import dcae_kernels
 
 from .blocks import DownBlock, RMSNorm2d, UpBlock, make_act, make_block
 from .config import DCAEConfig, get_config
+
+
+def run_stage(stage: nn.Module, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``stage(h)``; with ``checkpointing`` while autograd records, keep only the stage's input and recompute
+    its activations in backward. Stages with BatchNorm in training mode always run plainly: recomputing
+    would update their running statistics twice."""
+    if checkpointing and torch.is_grad_enabled() and not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in stage.modules()):
+        return checkpoint(stage, h, use_reentrant=False)
+    return stage(h)
 
 
 class Encoder(nn.Module):
@@ -15,6 +26,7 @@ class Encoder(nn.Module):
         super().__init__()
         widths, depths = cfg.encoder_widths, cfg.encoder_depths
         self.latent_channels, self.out_shortcut = cfg.latent_channels, cfg.encoder_out_shortcut
+        self.gradient_checkpointing = False
         if depths[0] > 0:
             self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         else:
@@ -37,7 +49,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for stage in self.down_blocks:
-            h = stage(h)
+            h = run_stage(stage, h, self.gradient_checkpointing)
         return self.project_out(h)
 
 
@@ -49,6 +61,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths, depths = cfg.decoder_widths, cfg.decoder_depths
         self.width, self.in_shortcut = widths[-1], cfg.decoder_in_shortcut
+        self.gradient_checkpointing = False
         self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
         stages = []
         for i, (width, depth) in enumerate(zip(widths, depths)):
@@ -79,7 +92,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.project_in(z)
         for stage in reversed(self.up_blocks):
-            h = stage(h)
+            h = run_stage(stage, h, self.gradient_checkpointing)
         return self.project_out(h)
 
 
@@ -110,6 +123,10 @@ class DCAE(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` to the folder ``path``."""
         from .pretrained import save
         save(self, path)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each stage's activations in backward instead of keeping them (training memory)."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     @property
     def spatial_compression_ratio(self) -> int:

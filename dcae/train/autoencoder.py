@@ -61,6 +61,7 @@ class Trainer:
         if self.world.distributed and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.trainable = freeze_for_phase(self.model, opts.phase)
+        self.model.enable_gradient_checkpointing(opts.grad_checkpointing)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=opts.lr,
                                            betas=opts.betas, weight_decay=opts.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, opts.schedule, opts.warmup_steps, opts.steps)

@@ -27,7 +27,7 @@ def test_smoke_run_writes_rows_table_and_chart(tmp_path, capsys):
     rows = {(r["part"], r["provider"], r["trains"]): r for r in data["rows"]}
     assert data["meta"]["diffusers"] and data["meta"]["preset"] == SMOKE.preset and data["meta"]["lpips"]
     assert set(rows) == {("phase 1", "diffusers", "all"), ("phase 1", "ours", "all"), ("phase 2", "ours", "all"),
-                         ("phase 2", "ours", "phase 2")}
+                         ("phase 2", "ours", "phase 2"), ("phase 2", "ours", "phase 2 +ckpt")}
     assert not [r["error"] for r in rows.values() if r["error"]]
     (side1, [batch1]), (side2, [batch2]) = SMOKE.phase1, SMOKE.phase2
     for (part, _, _), r in rows.items():
@@ -106,7 +106,7 @@ def test_gpu_plan_falls_back_to_smaller_batches_on_oom():
     assert run.calls == [("phase 1", "diffusers", "all", 256, 32), ("phase 1", "ours", "all", 256, 32),
                          ("phase 1", "diffusers", "all", 256, 16), ("phase 1", "ours", "all", 256, 16),
                          ("phase 2", "ours", "all", 1024, 8), ("phase 2", "ours", "all", 1024, 4),
-                         ("phase 2", "ours", "phase 2", 1024, 4),
+                         ("phase 2", "ours", "phase 2", 1024, 4), ("phase 2", "ours", "phase 2 +ckpt", 1024, 4),
                          ("phase 1", "diffusers-compile", "all", 256, 16), ("phase 1", "ours-compile", "all", 256, 16)]
     assert not failed(dict(error="OutOfMemoryError: ...")) and not failed(dict(error="skipped: budget"))
     assert failed(dict(error="RuntimeError: boom")) and not failed(dict(error=None))
@@ -126,6 +126,7 @@ def test_targets_and_table():
             row("ours", "all", 8, part="phase 2", shape="1024px", error=oom),
             row("ours", "all", 4, 2000.0, part="phase 2", shape="1024px", peak_gb=70.0),
             row("ours", "phase 2", 4, 1000.0, part="phase 2", shape="1024px", peak_gb=35.0),
+            row("ours", "phase 2 +ckpt", 4, 800.0, part="phase 2", shape="1024px", peak_gb=21.0),
             row("diffusers-compile", "all", 16, error="skipped: would end past the run's time budget"),
             row("ours-compile", "all", 16, error="skipped: would end past the run's time budget")]
     met = {what: ok for ok, what in targets(rows, GPU)}
@@ -134,7 +135,9 @@ def test_targets_and_table():
         "peak 40.00 vs 60.00 GB": True,
         "phase 1 256px: ours-compile vs diffusers-compile images/s: not both measured at one batch": None,
         "phase 2 1024px: peak memory training the middle layers <= 0.55 x training everything, B4: 35.00 / 70.00 GB "
-        "= 0.500": True}
+        "= 0.500": True,
+        "phase 2 1024px with gradient checkpointing: peak memory training the middle layers <= 0.55 x training "
+        "everything, B4: 21.00 / 70.00 GB = 0.300": True}
     meta = dict(preset="p", gpu="NVIDIA H100", date="2026-11-26", torch="2.11", triton="3.6", diffusers="0.42",
                 backend="triton", dtype="bfloat16", params=323e6, loss="L1 + LPIPS")
     md = markdown(rows, meta, GPU)

@@ -99,3 +99,41 @@ def test_estimate_scaling_factor():
     assert estimate_scaling_factor(model, loader) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="at least one image"):
         estimate_scaling_factor(model, [])
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``fn`` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_gradient_checkpointing_same_gradients_less_memory():
+    torch.manual_seed(0)
+    model = DCAE.from_config("tiny-sana-f32c8")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    grads = []
+    for enabled in (False, True):
+        model.enable_gradient_checkpointing(enabled)
+        model.zero_grad()
+        saved = _saved_bytes(lambda: model(x).square().mean().backward())
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters()}, saved))
+    (plain, plain_saved), (ckpt, ckpt_saved) = grads
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)
+    assert ckpt_saved < plain_saved / 2
+
+
+def test_gradient_checkpointing_skips_training_batchnorm():
+    model = DCAE.from_config("tiny-f32c8").train()
+    model.enable_gradient_checkpointing()
+    bn = next(m for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model(torch.rand(1, 3, 64, 64)).mean().backward()
+    assert bn.num_batches_tracked.item() == 1  # its stage was not recomputed

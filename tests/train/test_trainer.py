@@ -53,9 +53,9 @@ def test_phase1_records_and_exports(phase1):
     torch.testing.assert_close(model.state_dict(), final_weights(phase1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("phase", [2, 3])
-def test_frozen_parameters_stay_bit_identical(phase1, tmp_path, phase):
-    trainer = run(tmp_path, phase=phase, init=phase1, steps=2)
+@pytest.mark.parametrize("phase, checkpointing", [(2, False), (2, True), (3, False)])
+def test_frozen_parameters_stay_bit_identical(phase1, tmp_path, phase, checkpointing):
+    trainer = run(tmp_path, phase=phase, init=phase1, steps=2, grad_checkpointing=checkpointing)
     before, after = load_file(phase1 / "model" / "model.safetensors"), final_weights(tmp_path)
     prefixes = tuple(f"{module}." for module in trainer.trainable)
     trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
