@@ -34,7 +34,7 @@ def heldout_metrics(model: DCAE, images: torch.Tensor) -> tuple[dict, torch.Tens
     return metrics.compute(), recon
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m dcae.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps")
@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     print(f"PSNR rise over the untrained model: {rise:+.2f} dB")
     print(f"wrote {args.out}/reconstructions.png (rows: originals, untrained, after phases 1-3), "
           f"{args.out}/phase*/loss.png, {args.out}/phase*/samples/")
+    return dict(table)
 
 
 if __name__ == "__main__":
