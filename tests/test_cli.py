@@ -1,4 +1,6 @@
 """``dcae reconstruct`` on a real photo: outputs, printed metrics, padding, tiling, user errors."""
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -54,3 +56,31 @@ def test_user_errors_exit_2(model_dir, photo, tmp_path, capsys):
         argv = ["reconstruct", "--model", str(model_dir), "--input", str(photo), *extra]
         assert main(argv) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 4 images: a rank-deficient 2048-d covariance
+def test_evaluate_with_local_lpips_and_inception(model_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from dcae.fid import FIDInception
+    from dcae.lpips import LPIPS
+
+    torch.manual_seed(0)
+    save_file(LPIPS().state_dict(), tmp_path / "lpips.safetensors")
+    torch.save(FIDInception().state_dict(), tmp_path / "inception.pth")
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--model", str(model_dir), "--data", "builtin", "--resolution", "64", "--limit", "4",
+            "--lpips-weights", str(tmp_path / "lpips.safetensors"), "--fid-weights", str(tmp_path / "inception.pth"),
+            "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 4 and {"psnr", "ssim", "lpips", "rfid"} <= set(result)
+    assert "PSNR" in capsys.readouterr().out
+    assert main(["evaluate", "--model", str(model_dir), "--data", "builtin", "--resolution", "64", "--limit", "2",
+                 "--output", str(out)]) == 0
+    assert "rFID disabled" in json.loads(out.read_text())["rfid_status"]
+    assert main(["evaluate", "--model", str(model_dir), "--data", "builtin", "--resolution", "48"]) == 2
+    assert "multiple of the compression ratio 32" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(model_dir), "--data", "builtin", "--fid-weights",
+                 str(tmp_path / "nope.pth")]) == 2
+    assert "nothing is downloaded" in capsys.readouterr().err
