@@ -151,7 +151,7 @@ def _apply_block(block: EfficientViTBlock, vk: torch.Tensor, x: torch.Tensor) ->
     """The EfficientViT block on a region x (B, C, h, w), its attention reading the whole-image sums vk."""
     attn = block.attn
     out = relu_linear_attention_apply(attn.project_qkv(x), vk, attn.head_dim, attn.eps)
-    return block.conv_out(x + attn.norm_out(attn.to_out(out)))
+    return block.conv_out(attn.add_output(x, out))
 
 
 def _run(layers: list, x: torch.Tensor, tile_size: int, scale: int) -> torch.Tensor:

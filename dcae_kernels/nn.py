@@ -1,8 +1,10 @@
 """Thin nn.Module wrappers around the ops."""
+import torch
 from torch import nn
 
 from .checks import check_positive_int
 from .linear_attention import relu_linear_attention
+from .norm import rms_norm_2d
 from .shortcut import channel_to_space_dup, space_to_channel_avg
 
 
@@ -56,3 +58,26 @@ class ReLULinearAttention(nn.Module):
 
     def extra_repr(self):
         return f"head_dim={self.head_dim}, eps={self.eps}"
+
+
+class RMSNorm2d(nn.Module):
+    """DC-AE's channel RMSNorm with weight and bias: (B, channels, H, W) -> (B, channels, H, W),
+    ``y = x * rsqrt(mean_c(x^2) + eps) * weight + bias`` in fp32, ``+ residual`` fused when given.
+
+    A residual of another dtype than x (e.g. under autocast) is added after the op, with torch's type promotion.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x, residual=None):
+        if residual is not None and residual.dtype != x.dtype:
+            return residual + rms_norm_2d(x, self.weight, self.bias, self.eps)
+        return rms_norm_2d(x, self.weight, self.bias, self.eps, residual)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -87,3 +87,18 @@ def relu_linear_attention_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dtype = q.dtype
     q, k, v = (rearrange(t.to(accumulation_dtype(t)), "b n h d -> b h d n") for t in (q, k, v))
     return rearrange(_relu_linear_attention_heads(q, k, v, eps), "b h d n -> b n h d").to(dtype)
+
+
+def rms_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (B, C, H, W), weight, bias: (C,) -> (B, C, H, W) in x's dtype.
+
+    y = x * rsqrt(mean_c(x^2) + eps) * weight[c] + bias[c] (+ residual), in fp32 (fp64 for fp64), rounded once.
+    """
+    acc = accumulation_dtype(x)
+    h = x.to(acc)
+    h = h * torch.rsqrt(h.square().mean(1, keepdim=True) + eps)
+    h = h * weight.to(acc)[:, None, None] + bias.to(acc)[:, None, None]
+    if residual is not None:
+        h = h + residual.to(acc)
+    return h.to(x.dtype)

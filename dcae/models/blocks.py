@@ -1,5 +1,6 @@
 """DC-AE building blocks on the dcae_kernels ops. Parameter names follow diffusers' AutoencoderDC,
 except LiteMLA's single interleaved ``qkv`` conv (diffusers splits it into ``to_q``/``to_k``/``to_v``).
+A block ending in ``x + rms_norm(h)`` runs it as one fused RMSNorm2d + add kernel.
 
 All blocks map (B, C, H, W) -> (B, C', H', W').
 """
@@ -8,26 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import dcae_kernels
-
-
-class RMSNorm2d(nn.Module):
-    """Channel RMSNorm with weight and bias: ``y = x * rsqrt(mean_c(x^2) + eps) * w + b``, in fp32."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.square().mean(1, keepdim=True) + self.eps)
-        h = h * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
-        return h.to(x.dtype)
+from dcae_kernels.nn import RMSNorm2d
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     return RMSNorm2d(channels) if kind == "rms_norm" else nn.BatchNorm2d(channels)
+
+
+def add_norm(norm: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + norm(h)``: one fused kernel when ``norm`` is an RMSNorm2d (BatchNorm stays torch)."""
+    return norm(h, residual) if isinstance(norm, RMSNorm2d) else residual + norm(h)
 
 
 def make_act(kind: str) -> nn.Module:
@@ -45,7 +36,7 @@ class ResBlock(nn.Module):
         self.act = make_act(act)
 
     def forward(self, x):
-        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+        return add_norm(self.norm, self.conv2(self.act(self.conv1(x))), x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -83,9 +74,12 @@ class LiteMLA(nn.Module):
             qkv = torch.cat([qkv, *(m(qkv) for m in self.to_qkv_multiscale)], dim=1)
         return qkv
 
+    def add_output(self, x, out):
+        """``x + norm_out(to_out(out))``: the block's output from its input and the attention ``out``."""
+        return add_norm(self.norm_out, self.to_out(out), x)
+
     def forward(self, x):
-        out = dcae_kernels.relu_linear_attention(self.project_qkv(x), self.head_dim, self.eps)
-        return x + self.norm_out(self.to_out(out))
+        return self.add_output(x, dcae_kernels.relu_linear_attention(self.project_qkv(x), self.head_dim, self.eps))
 
 
 class GLUMBConv(nn.Module):
@@ -101,7 +95,7 @@ class GLUMBConv(nn.Module):
 
     def forward(self, x):
         a, g = self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)
-        return x + self.norm(self.conv_point(a * F.silu(g)))
+        return self.norm(self.conv_point(a * F.silu(g)), x)
 
 
 class EfficientViTBlock(nn.Module):
