@@ -1,7 +1,12 @@
 """Shared benchmark plumbing: GPU skip marker, a CUDA-synchronised timer for pytest-benchmark, `measure`; and for
 the end-to-end benchmarks (model.py, train.py): the ours / diffusers model pair, a per-call timer, versions."""
+import argparse
+import contextlib
+import datetime
+import json
 import math
 import re
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +50,20 @@ def nbytes(*tensors) -> int:
 def grad_fn(fn, inputs, grad):
     """A function running fn forward and backward (torch.autograd.grad: nothing accumulates)."""
     return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
+
+
+def timed_call(call, inputs, mode: str, fwd_bytes: int, bwd_bytes: int):
+    """(function to time, bytes it moves) for ``mode``: "fwd" calls ``call(*inputs)``; "fwd+bwd" also takes the
+    gradients of every input; "bwd" takes them from one retained forward."""
+    if mode == "fwd":
+        return (lambda: call(*inputs)), fwd_bytes
+    for t in inputs:
+        t.requires_grad_(True)
+    y = call(*inputs)
+    grad = torch.randn_like(y)
+    if mode == "fwd+bwd":
+        return grad_fn(call, inputs, grad), fwd_bytes + bwd_bytes
+    return (lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True)), bwd_bytes
 
 
 def measure(benchmark, fn, *, kernel: str, provider: str, mode: str, shape: str, nbytes: int,
@@ -168,3 +187,78 @@ def versions() -> dict:
 def stop_on_sigterm(signum, frame):
     """A SIGTERM handler: exit through ``finally`` blocks, so that `timeout` still leaves the final files."""
     raise SystemExit(128 + signum)
+
+
+def end_to_end_arguments(kind: str, description: str, budget_s: float) -> argparse.ArgumentParser:
+    """The options ``python -m csrc_bench model`` and ``train`` share."""
+    parser = argparse.ArgumentParser(prog=f"python -m csrc_bench {kind}", description=description)
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, small images, CPU, fp32, no compile")
+    parser.add_argument("--out", type=Path, help="where the results go (default csrc_bench/results; with --smoke "
+                                                 "a folder in the temp dir)")
+    parser.add_argument("--budget", type=float, default=budget_s,
+                        help="seconds the run may take; cases that would end later are recorded as skipped")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure the torch.compile providers (default: on, off with --smoke)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def end_to_end_meta(kind: str, args, plan) -> dict | None:
+    """The run's metadata (card, versions, plan, options), or None after saying why nothing can be measured."""
+    if not args.smoke and not torch.cuda.is_available():
+        print(f"python -m csrc_bench {kind} needs a CUDA GPU and this machine has none: nothing measured "
+              "(--smoke runs a tiny version on CPU).")
+        return None
+    import dcae_kernels
+
+    return dict(gpu="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
+                date=datetime.date.today().isoformat(), preset=plan.preset, dtype=str(plan.dtype).split(".")[-1],
+                backend=dcae_kernels.backend(), seed=args.seed, budget_s=args.budget,
+                compile=plan.compile if args.compile is None else args.compile, **versions())
+
+
+@contextlib.contextmanager
+def end_to_end_process(smoke: bool):
+    """SIGTERM exits through ``finally`` blocks; a smoke run uses one CPU thread (at its sizes more threads
+    only contend: 10x slower on a busy 2-core machine). Both restored afterwards."""
+    previous, threads = signal.signal(signal.SIGTERM, stop_on_sigterm), torch.get_num_threads()
+    if smoke:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        torch.set_num_threads(threads)
+
+
+class BenchRun:
+    """One benchmark run: its rows, clock and time budget, and its files ``<date>-<gpu>-<kind>.{json,md,png}``,
+    rewritten after every row (the PNG at the end) so that a run cut short still leaves its results.
+    ``report``: the benchmark's module, with ``progress_line(row, elapsed)``, ``markdown(rows, meta, plan)``
+    and ``plot(rows, path, title)``."""
+
+    def __init__(self, plan, out: Path, meta: dict, start: float, budget_s: float, kind: str, report, title: str):
+        self.plan, self.meta, self.report, self.title = plan, meta, report, title
+        self.start, self.deadline = start, start + budget_s
+        self.rows: list[dict] = []
+        out.mkdir(parents=True, exist_ok=True)
+        self.stem = out / f"{meta['date']}-{slug(meta['gpu'])}-{kind}"
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(self.report.progress_line(row, time.perf_counter() - self.start), flush=True)
+        self.write()
+
+    def write(self, plot_too: bool = False) -> None:
+        self.meta["wall_s"] = round(time.perf_counter() - self.start, 1)
+        self.stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        self.stem.with_suffix(".md").write_text(self.report.markdown(self.rows, self.meta, self.plan))
+        if plot_too:
+            self.report.plot(self.rows, self.stem.with_suffix(".png"), self.title)
+
+    def finish(self) -> None:
+        """The PNG, the table on stdout and where the files are."""
+        self.write(plot_too=True)
+        print(self.stem.with_suffix(".md").read_text())
+        print(f"written: {', '.join(str(self.stem.with_suffix(x)) for x in ('.json', '.md', '.png'))} "
+              f"({time.perf_counter() - self.start:.0f} s)")

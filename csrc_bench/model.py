@@ -11,12 +11,9 @@ the run keeps to a time budget (cases that would overrun it are recorded as skip
 written as they finish: ``<out>/<date>-<gpu>-model.json`` and ``.md``; the ``.png`` chart at the end.
 ``--smoke`` runs the same path on CPU in fp32 with the tiny preset at small sizes, no compile.
 """
-import argparse
-import datetime
 import gc
-import json
 import math
-import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .common import COLORS, build_pair, compiled, footprint, median_ms, slug, stop_on_sigterm, sync, versions
+from .common import (COLORS, BenchRun, build_pair, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process,
+                     footprint, median_ms, sync)
 from .report import HERE, _fmt
 
 PEAK_GB_TARGET = 2.5  # the tiled 4096px decode's peak memory target
@@ -93,16 +91,14 @@ def providers(ours, theirs, compile_: bool) -> dict:
     return fns
 
 
-class Run:
+class Run(BenchRun):
     """The rows of one run, its clock and budget, and its files."""
 
     def __init__(self, plan: Plan, out: Path, start: float, budget_s: float, meta: dict, weights: dict):
-        self.plan, self.meta, self.weights = plan, meta, weights
-        self.start, self.deadline = start, start + budget_s
+        self.weights = weights
+        super().__init__(plan, out, meta, start, budget_s, "model", sys.modules[__name__],
+                         f"DC-AE {plan.preset}: ours vs diffusers, {meta['gpu']}, {meta['dtype']} ({meta['date']})")
         self.compile_times: list[float] = []
-        self.rows: list[dict] = []
-        out.mkdir(parents=True, exist_ok=True)
-        self.stem = out / f"{meta['date']}-{slug(meta['gpu'])}-model"
 
     def case(self, part: str, provider: str, mode: str, side: int, batch: int, fn, x: torch.Tensor, *,
              ref=None, ref_name=None, tile=None, compiles=False):
@@ -147,20 +143,6 @@ class Run:
                 torch.cuda.empty_cache()
         self.add(row)
         return out
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        print(progress_line(row, time.perf_counter() - self.start), flush=True)
-        self.write()
-
-    def write(self, plot_too: bool = False) -> None:
-        self.meta["wall_s"] = round(time.perf_counter() - self.start, 1)
-        self.stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
-        self.stem.with_suffix(".md").write_text(markdown(self.rows, self.meta, self.plan))
-        if plot_too:
-            plot(self.rows, self.stem.with_suffix(".png"), f"DC-AE {self.plan.preset}: ours vs diffusers, "
-                                                             f"{self.meta['gpu']}, {self.meta['dtype']} "
-                                                             f"({self.meta['date']})")
 
 
 def progress_line(row: dict, elapsed: float) -> str:
@@ -334,54 +316,29 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m csrc_bench model",
-                                     description="DC-AE end to end: ours vs diffusers' AutoencoderDC (model.py)")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, small images, CPU, fp32, no compile")
-    parser.add_argument("--out", type=Path, help="where the results go (default csrc_bench/results; with --smoke "
-                                                 "a folder in the temp dir)")
-    parser.add_argument("--budget", type=float, default=220.0,
-                        help="seconds the run may take; cases that would end later are recorded as skipped")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="measure the torch.compile providers (default: on, off with --smoke)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("python -m csrc_bench model needs a CUDA GPU and this machine has none: nothing measured "
-              "(--smoke runs a tiny version on CPU).")
-        return 1
+    args = end_to_end_arguments("model", "DC-AE end to end: ours vs diffusers' AutoencoderDC (model.py)",
+                                220.0).parse_args(argv)
     plan = SMOKE if args.smoke else GPU
-    compile_ = plan.compile if args.compile is None else args.compile
+    meta = end_to_end_meta("model", args, plan)
+    if meta is None:
+        return 1
     out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-model-smoke" if args.smoke else HERE / "results")
-
-    import dcae_kernels
-
-    meta = dict(gpu="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
-                date=datetime.date.today().isoformat(), preset=plan.preset, dtype=str(plan.dtype).split(".")[-1],
-                backend=dcae_kernels.backend(), seed=args.seed, budget_s=args.budget, compile=compile_,
-                **versions())
-    previous, threads = signal.signal(signal.SIGTERM, stop_on_sigterm), torch.get_num_threads()
-    if args.smoke:
-        torch.set_num_threads(1)  # at these sizes CPU threads only contend (10x slower on a busy 2-core machine)
     run = None
-    try:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            ours, theirs = build_models(plan, Path(folder), args.seed)
-        weights = {"ours": footprint(ours), "diffusers": footprint(theirs)}
-        meta.update(weights_gb={k: v / 1e9 for k, v in weights.items()},
-                    params=sum(p.numel() for p in theirs.parameters()))
-        run = Run(plan, out, start, args.budget, meta, weights)
-        print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded in "
-              f"{time.perf_counter() - start:.1f} s; torch {meta['torch']}, triton {meta['triton']}, diffusers "
-              f"{meta['diffusers']}, backend {meta['backend']}", flush=True)
-        with torch.inference_mode():
-            run_cases(run, ours, theirs, compile_)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        torch.set_num_threads(threads)
-        if run is not None:
-            run.write(plot_too=True)
-            print(run.stem.with_suffix(".md").read_text())
-            print(f"written: {run.stem.with_suffix('.json')}, {run.stem.with_suffix('.md')}, "
-                  f"{run.stem.with_suffix('.png')} ({time.perf_counter() - run.start:.0f} s)")
+    with end_to_end_process(args.smoke):
+        try:
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as folder:
+                ours, theirs = build_models(plan, Path(folder), args.seed)
+            weights = {"ours": footprint(ours), "diffusers": footprint(theirs)}
+            meta.update(weights_gb={k: v / 1e9 for k, v in weights.items()},
+                        params=sum(p.numel() for p in theirs.parameters()))
+            run = Run(plan, out, start, args.budget, meta, weights)
+            print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded "
+                  f"in {time.perf_counter() - start:.1f} s; torch {meta['torch']}, triton {meta['triton']}, "
+                  f"diffusers {meta['diffusers']}, backend {meta['backend']}", flush=True)
+            with torch.inference_mode():
+                run_cases(run, ours, theirs, meta["compile"])
+        finally:
+            if run is not None:
+                run.finish()
     return 0 if all(not r["error"] for r in run.rows) else 1

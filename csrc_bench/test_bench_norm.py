@@ -4,7 +4,7 @@ import torch
 
 import dcae_kernels
 
-from .common import bench_marks, compiled, grad_fn, measure, nbytes
+from .common import bench_marks, compiled, measure, nbytes, timed_call
 
 pytestmark = bench_marks
 
@@ -44,16 +44,6 @@ def test_rms_norm_2d(benchmark, shape, add, provider, mode):
     y = call(*inputs)
     fwd_bytes = nbytes(*inputs, y)
     bwd_bytes = nbytes(y, x, x, weight, bias)  # read dy and x, write dx, dw, db; d(residual) = dy is passed through
-    if mode == "fwd":
-        run, total = (lambda: call(*inputs)), fwd_bytes
-    else:
-        for t in inputs:
-            t.requires_grad_(True)
-        grad = torch.randn_like(y)
-        if mode == "fwd+bwd":
-            run, total = grad_fn(call, inputs, grad), fwd_bytes + bwd_bytes
-        else:
-            y = call(*inputs)
-            run, total = (lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True)), bwd_bytes
+    run, total = timed_call(call, inputs, mode, fwd_bytes, bwd_bytes)
     measure(benchmark, run, kernel="rms_norm_2d" + ("+add" if add else ""), provider=provider, mode=mode,
             shape=f"B{batch} C{channels} {height}x{width}", nbytes=total)

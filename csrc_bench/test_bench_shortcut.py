@@ -6,7 +6,7 @@ import dcae_kernels
 from dcae_kernels import reference
 
 from . import cuda_shortcut
-from .common import bench_marks, compiled, grad_fn, measure, nbytes
+from .common import bench_marks, compiled, measure, nbytes, timed_call
 
 pytestmark = bench_marks
 
@@ -46,16 +46,6 @@ def test_shortcut(benchmark, op, shape, add, provider, mode):
     y = call(*inputs)
     fwd_bytes = nbytes(x, y, *([res] if add else []))
     bwd_bytes = nbytes(y, x)  # read dy, write dx; d(residual) = dy is passed through
-    if mode == "fwd":
-        run, total = (lambda: call(*inputs)), fwd_bytes
-    else:
-        for t in inputs:
-            t.requires_grad_(True)
-        grad = torch.randn_like(y)
-        if mode == "fwd+bwd":
-            run, total = grad_fn(call, inputs, grad), fwd_bytes + bwd_bytes
-        else:
-            y = call(*inputs)
-            run, total = (lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True)), bwd_bytes
+    run, total = timed_call(call, inputs, mode, fwd_bytes, bwd_bytes)
     measure(benchmark, run, kernel=op + ("+add" if add else ""), provider=provider, mode=mode,
             shape=f"B{batch} C{c_in} {height}x{width} -> C{c_out}", nbytes=total)

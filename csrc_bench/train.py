@@ -20,10 +20,8 @@ Exit status 1 when a case failed (out-of-memory and budget skips are results, no
 import argparse
 import contextlib
 import copy
-import datetime
 import gc
-import json
-import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .common import COLORS, build_pair, compiled, footprint, median_ms, slug, stop_on_sigterm, sync, versions
+from .common import (COLORS, BenchRun, build_pair, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process,
+                     footprint, median_ms, sync)
 from .report import HERE, _fmt
 
 SPEEDUP_TARGET = 1.2  # phase 1: ours' images/s over diffusers'
@@ -165,17 +164,16 @@ def images(side: int, batch: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(seed + side + batch)) * 2 - 1
 
 
-class Run:
+class Run(BenchRun):
     """The rows of one run, its clock and budget, its models and loss, and its files."""
 
     def __init__(self, plan: Plan, out: Path, start: float, budget_s: float, meta: dict, sources: dict,
                  rec_loss, seed: int):
-        self.plan, self.meta, self.sources, self.rec_loss, self.seed = plan, meta, sources, rec_loss, seed
-        self.start, self.deadline = start, start + budget_s
+        self.sources, self.rec_loss, self.seed = sources, rec_loss, seed
+        super().__init__(plan, out, meta, start, budget_s, "train", sys.modules[__name__],
+                         f"DC-AE {plan.preset} training step: ours vs diffusers, {meta['gpu']}, "
+                         f"{meta['dtype']} ({meta['date']})")
         self.walls = {False: [], True: []}  # seconds per case that ran, eager / compiled
-        self.rows: list[dict] = []
-        out.mkdir(parents=True, exist_ok=True)
-        self.stem = out / f"{meta['date']}-{slug(meta['gpu'])}-train"
 
     def case(self, part: str, provider: str, trains: str, side: int, batch: int) -> dict:
         """Run one case on a fresh copy of the provider's model; add its row (an error or a skip goes into it)
@@ -244,20 +242,6 @@ class Run:
         ms, _ = median_ms(step, x, plan.device, plan.steps, 0, plan.case_seconds)
         row.update(ms=ms, images_per_s=row["batch"] * 1e3 / ms)
         row["peak_gb"], row["reserved_gb"] = peak_gb(plan.device)
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        print(progress_line(row, time.perf_counter() - self.start), flush=True)
-        self.write()
-
-    def write(self, plot_too: bool = False) -> None:
-        self.meta["wall_s"] = round(time.perf_counter() - self.start, 1)
-        self.stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
-        self.stem.with_suffix(".md").write_text(markdown(self.rows, self.meta, self.plan))
-        if plot_too:
-            plot(self.rows, self.stem.with_suffix(".png"), f"DC-AE {self.plan.preset} training step: ours vs "
-                                                             f"diffusers, {self.meta['gpu']}, {self.meta['dtype']} "
-                                                             f"({self.meta['date']})")
 
 
 def progress_line(row: dict, elapsed: float) -> str:
@@ -456,61 +440,39 @@ def run_cases(run: Run, compile_: bool) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m csrc_bench train",
-                                     description="DC-AE training step: ours vs diffusers' AutoencoderDC (train.py)")
-    parser.add_argument("--smoke", action="store_true", help="tiny preset, small images, CPU, fp32, no compile")
-    parser.add_argument("--out", type=Path, help="where the results go (default csrc_bench/results; with --smoke "
-                                                 "a folder in the temp dir)")
-    parser.add_argument("--budget", type=float, default=200.0,
-                        help="seconds the run may take; cases that would end later are recorded as skipped")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="measure the torch.compile providers last (default: on, off with --smoke)")
+    parser = end_to_end_arguments("train", "DC-AE training step: ours vs diffusers' AutoencoderDC (train.py)", 200.0)
     parser.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=True,
                         help="LPIPS (random VGG16 weights) in the loss, as in the trainer's phase 1 and 2 (default on)")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("python -m csrc_bench train needs a CUDA GPU and this machine has none: nothing measured "
-              "(--smoke runs a tiny version on CPU).")
-        return 1
     plan = SMOKE if args.smoke else GPU
-    compile_ = plan.compile if args.compile is None else args.compile
+    meta = end_to_end_meta("train", args, plan)
+    if meta is None:
+        return 1
     out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-train-smoke" if args.smoke else HERE / "results")
 
-    import dcae_kernels
     from dcae.lpips import LPIPS
     from dcae.train.losses import ReconstructionLoss
 
     loss = "L1 + LPIPS (VGG16, random weights)" if args.lpips else "L1 (no LPIPS: --no-lpips)"
-    meta = dict(gpu="cpu (smoke)" if args.smoke else torch.cuda.get_device_name(),
-                date=datetime.date.today().isoformat(), preset=plan.preset, dtype=str(plan.dtype).split(".")[-1],
-                backend=dcae_kernels.backend(), seed=args.seed, budget_s=args.budget, compile=compile_,
-                lpips=args.lpips, loss=loss, **versions())
+    meta.update(lpips=args.lpips, loss=loss)
     if not args.smoke:
         meta["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 1e9
-    previous, threads = signal.signal(signal.SIGTERM, stop_on_sigterm), torch.get_num_threads()
-    if args.smoke:
-        torch.set_num_threads(1)  # at these sizes CPU threads only contend (10x slower on a busy 2-core machine)
     run = None
-    try:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as folder:
-            ours, theirs = build_pair(plan.preset, Path(folder), args.seed)
-        torch.manual_seed(args.seed)
-        rec_loss = ReconstructionLoss(LPIPS().to(plan.device) if args.lpips else None)
-        meta.update(params=sum(p.numel() for p in theirs.parameters()), weights_gb=footprint(ours) / 1e9)
-        run = Run(plan, out, start, args.budget, meta, {"ours": ours.float(), "diffusers": theirs.float()},
-                  rec_loss, args.seed)
-        print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded in "
-              f"{time.perf_counter() - start:.1f} s; {loss}; torch {meta['torch']}, triton {meta['triton']}, "
-              f"diffusers {meta['diffusers']}, backend {meta['backend']}", flush=True)
-        run_cases(run, compile_)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        torch.set_num_threads(threads)
-        if run is not None:
-            run.write(plot_too=True)
-            print(run.stem.with_suffix(".md").read_text())
-            print(f"written: {run.stem.with_suffix('.json')}, {run.stem.with_suffix('.md')}, "
-                  f"{run.stem.with_suffix('.png')} ({time.perf_counter() - run.start:.0f} s)")
+    with end_to_end_process(args.smoke):
+        try:
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as folder:
+                ours, theirs = build_pair(plan.preset, Path(folder), args.seed)
+            torch.manual_seed(args.seed)
+            rec_loss = ReconstructionLoss(LPIPS().to(plan.device) if args.lpips else None)
+            meta.update(params=sum(p.numel() for p in theirs.parameters()), weights_gb=footprint(ours) / 1e9)
+            run = Run(plan, out, start, args.budget, meta, {"ours": ours.float(), "diffusers": theirs.float()},
+                      rec_loss, args.seed)
+            print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded "
+                  f"in {time.perf_counter() - start:.1f} s; {loss}; torch {meta['torch']}, triton {meta['triton']}, "
+                  f"diffusers {meta['diffusers']}, backend {meta['backend']}", flush=True)
+            run_cases(run, meta["compile"])
+        finally:
+            if run is not None:
+                run.finish()
     return 1 if any(failed(r) for r in run.rows) else 0

@@ -214,7 +214,7 @@ class Trainer:
     # ---- training ----
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches (and, in phase 3, one discriminator step)."""
-        opts, parts = self.opts, {}
+        parts = {}
         gan_on = self.gan is not None and self.gan.active(self.step)
         if self.gan is not None:
             self.gan.discriminator.requires_grad_(False)

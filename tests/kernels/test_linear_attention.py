@@ -9,8 +9,8 @@ import dcae_kernels as dk
 from dcae_kernels import linear_attention, reference
 from dcae_kernels.nn import ReLULinearAttention
 
+from .allocations import record_allocations
 from .device import CUDA, DEVICE, OPCHECK_UTILS
-from .sm90 import compile_sm90
 
 # Relative to the largest reference magnitude. On a GPU the products with the fp32 state run on tf32 tensor
 # cores (fp32 inputs too); the interpreter multiplies in full fp32.
@@ -20,14 +20,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-3 if CUDA else 1e-5, torch.float1
 @pytest.fixture
 def allocations(monkeypatch):
     """Shapes of the outputs the ops allocate (NaN-poisoned by conftest's fixture)."""
-    shapes, new_output = [], linear_attention.new_output
-
-    def recording(like, shape, dtype=None):
-        shapes.append(tuple(shape))
-        return new_output(like, shape, dtype)
-
-    monkeypatch.setattr(linear_attention, "new_output", recording)
-    return shapes
+    return record_allocations(monkeypatch, linear_attention)
 
 
 def make_qkv(batch, heads, head_dim, height, width, dtype, layout="contiguous", device=DEVICE):
@@ -372,12 +365,6 @@ SM90.update({f"{k} D{d} {'tokens' if t else 'nchw'}": sm90_spec(k, "bf16", d, t)
 SM90.update({f"{k} D32 nchw, fp64 eps (Inductor)": sm90_spec(k, "bf16", 32, False, *cfg, scalar="fp64")
              for k, cfg in (("fwd", (2048, 4, 3)), ("bwd_dq", (2048, 4, 3)), ("quadratic_fwd", ()),
                             ("quadratic_bwd", ()))})
-
-
-@pytest.fixture(scope="module")
-def sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    return dict(zip(SM90, compile_sm90(list(SM90.values()))))
 
 
 @pytest.mark.parametrize("name", list(SM90))

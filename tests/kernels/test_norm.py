@@ -9,8 +9,8 @@ import dcae_kernels as dk
 from dcae_kernels import norm, reference
 from dcae_kernels.nn import RMSNorm2d
 
+from .allocations import record_allocations
 from .device import DEVICE, OPCHECK_UTILS
-from .sm90 import compile_sm90
 
 # Relative to the largest reference magnitude: fp32 accumulation; fp16 / bf16 outputs rounded once.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -126,14 +126,7 @@ def test_fused_add_at_least_as_accurate():
 @pytest.fixture
 def allocations(monkeypatch):
     """Shapes of the outputs the op allocates (NaN-poisoned by conftest's fixture)."""
-    shapes, new_output = [], norm.new_output
-
-    def recording(like, shape, dtype=None):
-        shapes.append(tuple(shape))
-        return new_output(like, shape, dtype)
-
-    monkeypatch.setattr(norm, "new_output", recording)
-    return shapes
+    return record_allocations(monkeypatch, norm)
 
 
 def test_every_output_is_written(allocations):
@@ -144,9 +137,11 @@ def test_every_output_is_written(allocations):
     assert any(len(s) == 3 and s[0] == 2 and s[2] == 40 for s in allocations)  # (2, programs, C) partials
 
 
-def test_deterministic():
+@pytest.mark.parametrize("shape, dtype", [((2, 24, 20, 20), torch.float32),
+                                          pytest.param((8, 256, 128, 128), torch.bfloat16, marks=pytest.mark.gpu)])
+def test_deterministic(shape, dtype):
     """dw and db are per-program partials summed by torch in a fixed order: runs agree bit for bit."""
-    inputs = [t.requires_grad_(True) for t in make_inputs(2, 24, 20, 20, torch.float32)]
+    inputs = [t.requires_grad_(True) for t in make_inputs(*shape, dtype)]
     grad = torch.randn_like(inputs[0])
     runs = [(y := dk.rms_norm_2d(*inputs[:3], 1e-5, inputs[3]), *torch.autograd.grad(y, inputs, grad))
             for _ in range(2)]
@@ -343,12 +338,6 @@ def vectors_per_tensor(name: str, spec: dict) -> int:
     return block // (32 * spec["num_warps"]) * elem // 16
 
 
-@pytest.fixture(scope="module")
-def sm90():
-    pytest.importorskip("triton.backends.nvidia")
-    return dict(zip(SM90, compile_sm90(list(SM90.values()))))
-
-
 @pytest.mark.parametrize("name", list(SM90))
 def test_sm90_compiles_without_spills(sm90, name):
     assert "error" not in sm90[name] and sm90[name]["stack"] == 0, sm90[name]
@@ -385,15 +374,6 @@ def test_dcae_shapes_bf16(shape):
     """DC-AE's channel counts (one and two passes), bf16 with fp32 weights (autocast) and with bf16 weights."""
     check_against_reference(*make_inputs(*shape, torch.bfloat16, weight_dtype=torch.float32))
     check_against_reference(*make_inputs(*shape, torch.bfloat16))
-
-
-@pytest.mark.gpu
-def test_deterministic_cuda_large():
-    inputs = [t.requires_grad_(True) for t in make_inputs(8, 256, 128, 128, torch.bfloat16)]
-    grad = torch.randn_like(inputs[0])
-    runs = [(y := dk.rms_norm_2d(*inputs[:3], 1e-5, inputs[3]), *torch.autograd.grad(y, inputs, grad))
-            for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 @pytest.mark.gpu

@@ -1,7 +1,6 @@
 """The shortcut kernels compile for sm_90 and move data with 16-byte vector loads/stores, spill-free."""
 import pytest
 
-from .sm90 import compile_sm90
 
 pytest.importorskip("triton.backends.nvidia")
 
@@ -14,7 +13,7 @@ def spec(kernel, dtype, scalar="fp32", **constexprs):
 
 
 # DC-AE's cases (f = 2; G or R = 2 and 4) with the fused add, in bf16, plus a general and an fp64 case.
-SPECS = {
+SM90 = {
     "down G2 +add": spec("space_to_channel_avg_kernel", "bf16", F=2, FP=2, GROUP=2, NC=1, NR=1, BW=256,
                          HAS_RES=True),
     "down G4 +add": spec("space_to_channel_avg_kernel", "bf16", F=2, FP=2, GROUP=4, NC=1, NR=2, BW=256,
@@ -35,17 +34,12 @@ SPECS = {
 }
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return dict(zip(SPECS, compile_sm90(list(SPECS.values()))))
+@pytest.mark.parametrize("name", list(SM90))
+def test_compiles_without_spills(sm90, name):
+    assert "error" not in sm90[name] and sm90[name]["stack"] == 0, sm90[name]
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_compiles_without_spills(compiled, name):
-    assert "error" not in compiled[name] and compiled[name]["stack"] == 0, compiled[name]
-
-
-@pytest.mark.parametrize("name", [n for n in SPECS if "+add" in n])
-def test_dcae_cases_use_16_byte_accesses(compiled, name):
-    ops = compiled[name].get("global_ops")
+@pytest.mark.parametrize("name", [n for n in SM90 if "+add" in n])
+def test_dcae_cases_use_16_byte_accesses(sm90, name):
+    ops = sm90[name].get("global_ops")
     assert ops and all(".v4.b32" in op for op in ops), ops
