@@ -3,9 +3,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import dcae_kernels
-
-from .blocks import DownBlock, RMSNorm2d, UpBlock, make_act, make_block
+from .blocks import DownBlock, RMSNorm2d, UpBlock, add_down_shortcut, add_up_shortcut, make_act, make_block
 from .config import DCAEConfig, get_config
 
 
@@ -44,7 +42,7 @@ class Encoder(nn.Module):
     def project_out(self, h):
         """Last stage's features (B, C, h, w) -> latents, with the factor-1 channel-averaging shortcut."""
         out = self.conv_out(h)
-        return dcae_kernels.space_to_channel_avg(h, self.latent_channels, 1, out) if self.out_shortcut else out
+        return add_down_shortcut(h, self.latent_channels, 1, out) if self.out_shortcut else out
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -83,7 +81,7 @@ class Decoder(nn.Module):
     def project_in(self, z):
         """Latents -> the lowest-resolution features, with the factor-1 channel-duplicating shortcut."""
         h = self.conv_in(z)
-        return dcae_kernels.channel_to_space_dup(z, self.width, 1, h) if self.in_shortcut else h
+        return add_up_shortcut(z, self.width, 1, h) if self.in_shortcut else h
 
     def project_out(self, h):
         """First stage's features -> images."""

@@ -21,6 +21,16 @@ def add_norm(norm: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.
     return norm(h, residual) if isinstance(norm, RMSNorm2d) else residual + norm(h)
 
 
+def add_down_shortcut(x: torch.Tensor, out_channels: int, factor: int, conv_path: torch.Tensor) -> torch.Tensor:
+    """``conv_path + space_to_channel_avg(x)`` in one kernel; x takes the conv path's dtype (bf16 under autocast)."""
+    return dcae_kernels.space_to_channel_avg(x.to(conv_path.dtype), out_channels, factor, conv_path)
+
+
+def add_up_shortcut(x: torch.Tensor, out_channels: int, factor: int, conv_path: torch.Tensor) -> torch.Tensor:
+    """``conv_path + channel_to_space_dup(x)`` in one kernel; x takes the conv path's dtype (bf16 under autocast)."""
+    return dcae_kernels.channel_to_space_dup(x.to(conv_path.dtype), out_channels, factor, conv_path)
+
+
 def make_act(kind: str) -> nn.Module:
     return {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "gelu": nn.GELU}[kind]()
 
@@ -132,7 +142,7 @@ class DownBlock(nn.Module):
         h = self.conv(x)
         if self.unshuffle:
             h = F.pixel_unshuffle(h, 2)
-        return dcae_kernels.space_to_channel_avg(x, self.out_channels, 2, h) if self.shortcut else h
+        return add_down_shortcut(x, self.out_channels, 2, h) if self.shortcut else h
 
 
 class UpBlock(nn.Module):
@@ -149,4 +159,4 @@ class UpBlock(nn.Module):
             h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         else:
             h = F.pixel_shuffle(self.conv(x), 2)
-        return dcae_kernels.channel_to_space_dup(x, self.out_channels, 2, h) if self.shortcut else h
+        return add_up_shortcut(x, self.out_channels, 2, h) if self.shortcut else h

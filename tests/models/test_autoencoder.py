@@ -137,3 +137,17 @@ def test_gradient_checkpointing_skips_training_batchnorm():
     bn = next(m for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
     model(torch.rand(1, 3, 64, 64)).mean().backward()
     assert bn.num_batches_tracked.item() == 1  # its stage was not recomputed
+
+
+@pytest.mark.parametrize("tile", [None, 32])
+def test_autocast_decode_of_fp32_latents(tile):
+    """Under autocast the convs run in bf16 while the given latents are fp32: the shortcuts follow the convs."""
+    model = DCAE.from_config("tiny-f32c8").eval()
+    z = torch.randn(1, 8, 2, 2)
+    with torch.no_grad():
+        expected = model.decode(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model.decode(z, tile_size=tile)
+            latents = model.encode(torch.rand(1, 3, 64, 64))
+    assert y.dtype == latents.dtype == torch.bfloat16
+    assert (y.float() - expected).abs().max() < 0.1 * expected.abs().max()
