@@ -58,6 +58,9 @@ class Trainer:
         checkpoint = self._checkpoint_to_resume()
         torch.manual_seed(opts.seed)
         self.model = self._build_model(checkpoint).to(self.device)
+        ratio = self.model.spatial_compression_ratio
+        if opts.resolution % ratio:
+            raise ValueError(f"--resolution {opts.resolution} is not a multiple of the compression ratio {ratio}")
         if self.world.distributed and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.trainable = freeze_for_phase(self.model, opts.phase)

@@ -120,6 +120,8 @@ def test_refuses_to_overwrite_and_to_resume_nothing(phase1, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["train-ae", *common, "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train-ae", *common[:-1], "48", "--out", str(tmp_path / "new")]) == 2
+    assert "multiple of the compression ratio 32" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
