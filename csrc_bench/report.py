@@ -1,11 +1,12 @@
 """Run the benchmark suites and turn pytest-benchmark's JSON into results/<date>-<gpu>.{json,md,png}."""
 import datetime
 import json
-import re
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from .common import slug
 
 HERE = Path(__file__).parent
 BASELINES = ("eager", "compile", "cuda")
@@ -124,7 +125,7 @@ def write_report(bench_json: dict, out_dir: Path) -> Path:
     meta = dict(gpu=gpu, date=bench_json.get("datetime", datetime.datetime.now().isoformat())[:10],
                 torch=info.get("torch", "?"), triton=info.get("triton", "?"),
                 rounds=bench_json["benchmarks"][0]["stats"]["rounds"] if rows else 0)
-    stem = out_dir / f"{meta['date']}-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}"
+    stem = out_dir / f"{meta['date']}-{slug(gpu)}"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(markdown(rows, meta))

@@ -81,7 +81,7 @@ def evaluate(args) -> None:
 
     from tqdm import tqdm
 
-    from .data import BuiltinImages, ImageFolder
+    from .data import BuiltinImages, ImageFolder, batches
     from .fid import load_inception
     from .lpips import load_lpips
     from .metrics import ReconstructionMetrics
@@ -101,8 +101,8 @@ def evaluate(args) -> None:
     metrics = ReconstructionMetrics(None if lpips is None else lpips.to(device),
                                     None if inception is None else inception.to(device))
     count = len(images) if args.limit is None else min(args.limit, len(images))
-    for start in tqdm(range(0, count, args.batch_size), desc="evaluate", unit="batch"):
-        x = torch.stack([images[i] for i in range(start, min(start + args.batch_size, count))])
+    for x in tqdm(batches(images, args.batch_size, count), desc="evaluate", unit="batch",
+                  total=-(-count // args.batch_size)):
         with torch.inference_mode():
             recon = model.decode(model.encode(x.to(device, DTYPES[args.dtype]), tile_size=args.tile),
                                  tile_size=args.tile)

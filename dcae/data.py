@@ -67,6 +67,13 @@ def image_grid(rows: list[torch.Tensor], padding: int = 2) -> torch.Tensor:
     return grid[:, : grid.shape[1] - padding, : grid.shape[2] - padding]
 
 
+def batches(dataset: Dataset, batch_size: int, count: int | None = None):
+    """The first ``count`` items (default all) of a dataset of (3, R, R) tensors, stacked: (B, 3, R, R) each."""
+    count = len(dataset) if count is None else min(count, len(dataset))
+    for start in range(0, count, batch_size):
+        yield torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))])
+
+
 def image_files(root) -> list[Path]:
     """Every file under root (nested folders included) with an image suffix, any case; sorted."""
     root = Path(root)

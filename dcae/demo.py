@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data import image_grid, make_dataset, save_image
+from .data import batches, image_grid, make_dataset, save_image
 from .metrics import ReconstructionMetrics
 from .models import DCAE
 from .train.autoencoder import Trainer
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     heldout = make_dataset("builtin", EVAL_RESOLUTION, "heldout")
-    images = torch.stack([heldout[i] for i in range(len(heldout))])
+    images = next(batches(heldout, len(heldout)))
     torch.manual_seed(0)
     rows, table = [images[:6]], []
     metrics, recon = heldout_metrics(DCAE.from_config(PRESET).to(device), images)

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..data import image_grid, make_dataset, save_image
+from ..data import batches, image_grid, make_dataset, save_image
 from ..lpips import load_lpips
 from ..metrics import ReconstructionMetrics
 from ..models import DCAE, DCAEConfig
@@ -190,9 +190,7 @@ class Trainer:
         """Held-out PSNR / SSIM (EMA weights when kept)."""
         metrics = ReconstructionMetrics()
         with self._eval_weights():
-            for start in range(0, len(self.heldout), self.micro_batch):
-                x = torch.stack([self.heldout[i] for i in range(start, min(start + self.micro_batch,
-                                                                            len(self.heldout)))])
+            for x in batches(self.heldout, self.micro_batch):
                 with self.autocast:
                     recon = self.model(x.to(self.device))
                 metrics.update(x, recon.float().clamp(-1, 1).cpu())
@@ -209,7 +207,7 @@ class Trainer:
 
     @torch.no_grad()
     def write_samples(self) -> None:
-        x = torch.stack([self.heldout[i] for i in range(min(SAMPLE_IMAGES, len(self.heldout)))])
+        x = next(batches(self.heldout, SAMPLE_IMAGES, SAMPLE_IMAGES))
         with self._eval_weights(), self.autocast:
             recon = self.model(x.to(self.device)).float().clamp(-1, 1).cpu()
         save_image(image_grid([x, recon]), self.out / "samples" / f"step-{self.step:08d}.png")
@@ -320,8 +318,7 @@ class Trainer:
             self.ema.copy_to(export)
         export.eval()
         if self.phase.number == 1:
-            factor = estimate_scaling_factor(export, torch.stack([self.heldout[i] for i in range(len(self.heldout))]),
-                                             batch_size=self.micro_batch)
+            factor = estimate_scaling_factor(export, batches(self.heldout, self.micro_batch))
             export.config = dataclasses.replace(export.config, scaling_factor=factor)
             self._log(f"latent scaling factor (1 / RMS over the held-out set): {factor:.5f}")
         export.save_pretrained(self.out / "model")
