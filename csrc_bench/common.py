@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
-                                  reason="benchmarks need a CUDA GPU; this machine has none")
+NO_GPU_REASON = "benchmarks need a CUDA GPU; this machine has none"
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU_REASON)
 ROUND_MS = 10.0  # each wall-clock round runs the function enough times to last about this long
 ROUNDS = 5
 
@@ -93,22 +93,6 @@ COLORS = {"ours": "tab:red", "ours-compile": "tab:orange", "diffusers": "tab:gre
           "diffusers-compile": "tab:blue"}  # report.py's palette: ours as its triton, diffusers as eager/compile
 
 
-def diffusers_kwargs(cfg) -> dict:
-    """``AutoencoderDC(**kwargs)`` with the architecture of the `dcae.DCAEConfig` ``cfg``."""
-    if set(cfg.encoder_norms) != {"rms_norm"} or set(cfg.encoder_acts) != {"silu"}:
-        raise ValueError("diffusers' AutoencoderDC encoder blocks are rms_norm + silu only")
-    return dict(in_channels=cfg.in_channels, latent_channels=cfg.latent_channels,
-                attention_head_dim=cfg.attention_head_dim, encoder_block_types=cfg.encoder_block_types,
-                decoder_block_types=cfg.decoder_block_types, encoder_block_out_channels=cfg.encoder_widths,
-                decoder_block_out_channels=cfg.decoder_widths, encoder_layers_per_block=cfg.encoder_depths,
-                decoder_layers_per_block=cfg.decoder_depths, encoder_qkv_multiscales=cfg.encoder_qkv_multiscales,
-                decoder_qkv_multiscales=cfg.decoder_qkv_multiscales, upsample_block_type=cfg.upsample_block_type,
-                downsample_block_type=cfg.downsample_block_type, decoder_norm_types=cfg.decoder_norms,
-                decoder_act_fns=cfg.decoder_acts, encoder_out_shortcut=cfg.encoder_out_shortcut,
-                decoder_in_shortcut=cfg.decoder_in_shortcut, decoder_conv_act_fn=cfg.decoder_out_act,
-                scaling_factor=cfg.scaling_factor)
-
-
 def randomize_norms(model: torch.nn.Module) -> None:
     """Default init leaves every norm at identity (weight 1, bias 0, BatchNorm statistics 0 / 1); perturb them so
     that comparing two models checks their norm weights too."""
@@ -129,11 +113,12 @@ def build_pair(preset: str, folder: Path, seed: int, dtype: torch.dtype = torch.
     from diffusers import AutoencoderDC
     from diffusers.utils import logging
 
-    from dcae import DCAE, get_config
+    from dcae import DCAE
+    from dcae.models.convert import config_to_diffusers
 
     logging.set_verbosity_error()  # not its advice to cast with from_pretrained(torch_dtype=): we cast on purpose
     torch.manual_seed(seed)
-    theirs = AutoencoderDC(**diffusers_kwargs(get_config(preset)))
+    theirs = AutoencoderDC(**config_to_diffusers(preset))
     randomize_norms(theirs)
     theirs.to(dtype).save_pretrained(folder)
     return DCAE.from_pretrained(folder), theirs
@@ -229,6 +214,50 @@ def end_to_end_process(smoke: bool):
     finally:
         signal.signal(signal.SIGTERM, previous)
         torch.set_num_threads(threads)
+
+
+def targets_section(checks: list[tuple[bool | None, str]]) -> list[str]:
+    """The markdown lines of a "Targets" section: each check (met: True / False / None when it cannot be judged
+    here, what was compared) as MET, NOT MET or n/a."""
+    marks = {True: "MET", False: "NOT MET", None: "n/a"}
+    return ["", "## Targets", "", *(f"- {marks[met]}: {what}" for met, what in checks)]
+
+
+@contextlib.contextmanager
+def figure(path: Path, title: str, rows: int, columns: int = 1, figsize=(12, 10), top: float = 0.98):
+    """A matplotlib figure of rows x columns axes (a 2-D array), titled and saved as a PNG at ``path`` when the
+    body is done."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, columns, figsize=figsize, squeeze=False)
+    try:
+        yield axes
+        fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0, 1, top))
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def find_row(rows: list[dict], **fields) -> dict | None:
+    """The row whose ``fields`` have these values and that ran without error, or None."""
+    return next((r for r in rows if not r["error"] and all(r[k] == v for k, v in fields.items())), None)
+
+
+def row_line(case: str, row: dict, *notes: str | None) -> str:
+    """A progress line: the case, then its error, or its images/s, ms, peak GB (where measured), the ``notes`` that
+    are not None, and the compile time (compiled providers)."""
+    if row["error"]:
+        return f"{case} {row['error']}"
+    parts = [f"{case} {row['images_per_s']:9.2f} img/s {row['ms']:9.2f} ms"]
+    if row["peak_gb"] is not None:
+        parts.append(f"peak {row['peak_gb']:6.2f} GB")
+    parts += [note for note in notes if note is not None]
+    if row["compile_s"] is not None:
+        parts.append(f"(compiled in {row['compile_s']:.1f} s)")
+    return "  ".join(parts)
 
 
 class BenchRun:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): GPU tests, the kernel benchmarks, the model benchmark, the training
-# benchmark; logs and results to $OUT. Usage there: [STEPS="tests bench model train"] OUT=/some/dir bash
-# csrc_bench/gpu_check.sh [pytest -k expression for the kernel benchmarks]. STEPS picks the steps (default all four,
-# about 14 minutes: more than one call may take, so name fewer). MODEL_ARGS / TRAIN_ARGS: more options for
-# `python -m csrc_bench model` / `train` (--smoke: a CPU dry run; train: --no-lpips, --budget is TRAIN_BUDGET).
+# benchmark, the diffusion benchmark; logs and results to $OUT. Usage there: [STEPS="tests bench model train
+# diffusion"] OUT=/some/dir bash csrc_bench/gpu_check.sh [pytest -k expression for the kernel benchmarks]. STEPS picks
+# the steps (default all five, about 20 minutes: more than one call may take, so name fewer). MODEL_ARGS /
+# TRAIN_ARGS / DIFFUSION_ARGS: more options for `python -m csrc_bench model` / `train` / `diffusion` (--smoke: a CPU
+# dry run; train: --no-lpips, --budget is TRAIN_BUDGET).
 #
 # diffusers (model and train steps) is not on that machine: carry it as wheels. Once, here, in the repo root
 # (/.whl/ is in .gitignore):
@@ -17,11 +18,16 @@
 #   run(command="STEPS=train bash csrc_bench/gpu_check.sh", carry=[".whl"], timeout_s=330)
 # Its torch.compile cases (about 2-3 minutes each to compile) need a longer budget: TRAIN_BUDGET=450 TRAIN_TIMEOUT=500
 # in the command, timeout_s=580.
+# The diffusion benchmark, `python -m csrc_bench diffusion` (DiT-XL / U-ViT-H training step and inference on DC-AE-f32
+# p1 vs SD-VAE-f8 p2 latents, ours vs diffusers' DiTTransformer2DModel; DIFFUSION_BUDGET=300 s of cases):
+#   run(command="STEPS=diffusion bash csrc_bench/gpu_check.sh", carry=[".whl"], timeout_s=400)
+# The modulated_layer_norm and state/apply kernel benchmarks alone: STEPS=bench and the -k expression
+# "modulated or state or copy".
 # Copy what comes back into csrc_bench/results/, then give_back.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1
 OUT=${OUT:-/tmp/gpu-out}
-STEPS=" ${STEPS:-tests bench model train} "
+STEPS=" ${STEPS:-tests bench model train diffusion} "
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/env.txt"
@@ -63,6 +69,14 @@ if [[ $STEPS == *" train "* ]]; then  # a line per case as it ends; json + md af
     | grep --line-buffered -E "^\[|parameters, built|^[A-Za-z.]*Error|nothing measured"
   echo "train benchmark: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"
   sed -n '/^## Targets/,$p' "$OUT/train.txt"
+fi
+if [[ $STEPS == *" diffusion "* ]]; then  # a line per case as it ends; json + md after each case, png at the end
+  start=$SECONDS
+  timeout -k 10 "${DIFFUSION_TIMEOUT:-340}" python3 -m csrc_bench diffusion --out "$OUT" \
+    --budget "${DIFFUSION_BUDGET:-300}" ${DIFFUSION_ARGS:-} 2>&1 | tee "$OUT/diffusion.txt" \
+    | grep --line-buffered -E "^\[|parameters|^[A-Za-z.]*Error|nothing measured"
+  echo "diffusion benchmark: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"
+  sed -n '/^## Targets/,$p' "$OUT/diffusion.txt"
 fi
 # The device tool brings back at most 8 files: past that, the logs travel as one archive.
 if (( $(find "$OUT" -type f | wc -l) > 8 )); then

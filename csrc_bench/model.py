@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .common import (COLORS, BenchRun, build_pair, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process,
-                     footprint, median_ms, sync)
+                     figure, find_row, footprint, median_ms, row_line, sync, targets_section)
 from .report import HERE, _fmt
 
 PEAK_GB_TARGET = 2.5  # the tiled 4096px decode's peak memory target
@@ -39,7 +39,7 @@ class Plan:
     throughput: tuple[tuple[int, int], ...]  # (image side in px, batch): encode / decode images/s
     compile_at: tuple[tuple[int, int], ...]  # where the compiled providers run: 4 graphs per shape, ~30-60 s each
     large: tuple[int, ...]  # image sides in px of the B1 decodes, untiled and tiled
-    tiles: tuple[int, ...]  # our tile sizes in px (tile_overlap: dcae.tiling's default)
+    tiles: tuple[int, ...]  # our tile sizes in px (tile_overlap: none, the halo is exact; dcae.models.tiling)
     diffusers_tiling: tuple[int, ...]  # AutoencoderDC.enable_tiling(*args); () = its defaults (512, 448)
     compile: bool
     reps: int = 10  # timed calls per case, at most
@@ -148,16 +148,7 @@ class Run(BenchRun):
 def progress_line(row: dict, elapsed: float) -> str:
     case = (f"[{elapsed:6.1f} s] {row['provider']:<17} {row['mode']:<12} {row['shape']:>6} B{row['batch']:<2} "
             f"{row['tile'] or '':<8}")
-    if row["error"]:
-        return f"{case} {row['error']}"
-    line = f"{case} {row['images_per_s']:9.2f} img/s {row['ms']:9.2f} ms"
-    if row["peak_gb"] is not None:
-        line += f"  peak {row['peak_gb']:6.2f} GB"
-    if row["psnr"] is not None:
-        line += f"  PSNR {row['psnr']:6.1f} dB vs {row['psnr_vs']}"
-    if row["compile_s"] is not None:
-        line += f"  (compiled in {row['compile_s']:.1f} s)"
-    return line
+    return row_line(case, row, None if row["psnr"] is None else f"PSNR {row['psnr']:6.1f} dB vs {row['psnr_vs']}")
 
 
 def run_cases(run: Run, ours, theirs, compile_: bool) -> None:
@@ -208,8 +199,7 @@ def baselines(rows: list[dict]) -> dict:
 def targets(rows: list[dict], plan: Plan) -> list[tuple[bool | None, str]]:
     """The issue's targets, each (met: True / False / None when it cannot be judged here, what was compared)."""
     def find(provider, mode, side, batch=1):
-        return next((r for r in rows if (r["provider"], r["mode"], r["shape"], r["batch"])
-                     == (provider, mode, f"{side}px", batch) and not r["error"]), None)
+        return find_row(rows, provider=provider, mode=mode, shape=f"{side}px", batch=batch)
 
     checks = []
     for side, batch in plan.throughput:
@@ -251,7 +241,7 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
              "allocated before it (= work GB): what a process holding only that model would peak at. PSNR against "
              "the named reference, peak = the reference's range. x diffusers / x diffusers-compile = that row's ms "
              "over this row's for the same mode and shape (>1: this row is faster). tile: ours = tile_size in px "
-             "(dcae.tiling's default overlap); diffusers = tile / stride in px of `enable_tiling`.", "",
+             "(exact halos, no overlap: `dcae.models.tiling`); diffusers = tile / stride in px of `enable_tiling`.", "",
              "| mode | shape | batch | provider | tile | images/s | ms | peak GB | work GB | PSNR dB | vs "
              "| x diffusers | x diffusers-compile | compile s | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -265,9 +255,7 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
                      f"{_fmt(r['work_gb'], 2)} | {_fmt(r['psnr'], 1)} | {r['psnr_vs'] or ''} | "
                      f"{_fmt(ratio['diffusers'], 2)} | {_fmt(ratio['diffusers-compile'], 2)} | "
                      f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
-    lines += ["", "## Targets", ""]
-    lines += [f"- {dict([(True, 'MET'), (False, 'NOT MET'), (None, 'n/a')])[met]}: {what}"
-              for met, what in targets(rows, plan)]
+    lines += targets_section(targets(rows, plan))
     return "\n".join(lines) + "\n"
 
 
@@ -293,26 +281,19 @@ def _bars(ax, rows: list[dict], category, series, value: str, ylabel: str) -> No
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """images/s per (mode, shape) and provider; the large decodes' ms and peak GB per variant."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     small = [r for r in rows if r["part"] == "throughput"]
     large = [r for r in rows if r["part"] == "large"]
     variant = lambda r: r["provider"] + (f" tiled {r['tile']}" if r["tile"] else " untiled")  # noqa: E731
-    fig, axes = plt.subplots(3, 1, figsize=(12, 12))
-    _bars(axes[0], small, lambda r: f"{r['mode']} {r['shape']} B{r['batch']}", lambda r: r["provider"],
-          "images_per_s", "images/s")
-    axes[0].set_title("encode / decode throughput (higher is better)", fontsize=10)
-    _bars(axes[1], large, lambda r: f"decode {r['shape']} B{r['batch']}", variant, "ms", "ms")
-    axes[1].set_title("large decodes, untiled vs tiled: time (lower is better)", fontsize=10)
-    _bars(axes[2], large, lambda r: f"decode {r['shape']} B{r['batch']}", variant, "peak_gb", "peak GB")
-    axes[2].axhline(PEAK_GB_TARGET, color="k", ls="--", lw=1)
-    axes[2].set_title(f"large decodes: peak memory (target for ours tiled: <= {PEAK_GB_TARGET} GB)", fontsize=10)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, title, 3, figsize=(12, 12)) as grid:
+        axes = grid[:, 0]
+        _bars(axes[0], small, lambda r: f"{r['mode']} {r['shape']} B{r['batch']}", lambda r: r["provider"],
+              "images_per_s", "images/s")
+        axes[0].set_title("encode / decode throughput (higher is better)", fontsize=10)
+        _bars(axes[1], large, lambda r: f"decode {r['shape']} B{r['batch']}", variant, "ms", "ms")
+        axes[1].set_title("large decodes, untiled vs tiled: time (lower is better)", fontsize=10)
+        _bars(axes[2], large, lambda r: f"decode {r['shape']} B{r['batch']}", variant, "peak_gb", "peak GB")
+        axes[2].axhline(PEAK_GB_TARGET, color="k", ls="--", lw=1)
+        axes[2].set_title(f"large decodes: peak memory (target for ours tiled: <= {PEAK_GB_TARGET} GB)", fontsize=10)
 
 
 def main(argv: list[str]) -> int:

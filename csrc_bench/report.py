@@ -6,10 +6,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .common import slug
+from .common import figure, slug
 
 HERE = Path(__file__).parent
 BASELINES = ("eager", "compile", "cuda")
+SMOKE_COMMANDS = ("model", "train", "diffusion")  # the benchmarks with a tiny CPU version (--smoke)
+NO_GPU = ("python -m csrc_bench report needs a CUDA GPU and this machine has none: nothing measured.\n"
+          "Tiny CPU smoke runs check the benchmark code paths (they are not performance figures): "
+          + ", ".join(f"python -m csrc_bench {name} --smoke" for name in SMOKE_COMMANDS)
+          + " (`make bench` runs them on a machine without CUDA).")
 
 
 def run_benchmarks(out_dir: Path, select: str | None, timeout: float | None) -> list[Path]:
@@ -88,33 +93,25 @@ PROVIDER_COLORS = {"triton": "tab:red", "compile": "tab:blue", "eager": "tab:gre
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """One panel per kernel: GB/s per (shape, mode), a bar per provider, the copy bandwidth as a line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     copy = [r for r in rows if r["kernel"] == "copy"]
     kernels = sorted({r["kernel"] for r in rows} - {"copy"})
-    fig, axes = plt.subplots(len(kernels), 1, figsize=(14, 4.2 * len(kernels)), squeeze=False)
-    for ax, kernel in zip(axes[:, 0], kernels):
-        mine = [r for r in rows if r["kernel"] == kernel]
-        cases = sorted({(r["shape"], r["mode"]) for r in mine})
-        providers = [p for p in PROVIDER_COLORS if any(r["provider"] == p for r in mine)]
-        width = 0.8 / len(providers)
-        for i, provider in enumerate(providers):
-            gbps = {(r["shape"], r["mode"]): r["GB/s"] for r in mine if r["provider"] == provider}
-            ax.bar([c + i * width for c in range(len(cases))], [gbps.get(c, 0) for c in cases], width,
-                   label=provider, color=PROVIDER_COLORS[provider])
-        if copy:
-            ax.axhline(copy[0]["GB/s"], color="k", ls="--", lw=1, label="device copy")
-        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], [f"{s}  {m}" for s, m in cases],
-                      rotation=25, ha="right", fontsize=7)
-        ax.set_ylabel("GB/s")
-        ax.set_title(kernel, fontsize=10)
-        ax.legend(fontsize=7, ncol=len(providers) + 1, loc="upper left")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, title, len(kernels), figsize=(14, 4.2 * len(kernels)), top=0.985) as axes:
+        for ax, kernel in zip(axes[:, 0], kernels):
+            mine = [r for r in rows if r["kernel"] == kernel]
+            cases = sorted({(r["shape"], r["mode"]) for r in mine})
+            providers = [p for p in PROVIDER_COLORS if any(r["provider"] == p for r in mine)]
+            width = 0.8 / len(providers)
+            for i, provider in enumerate(providers):
+                gbps = {(r["shape"], r["mode"]): r["GB/s"] for r in mine if r["provider"] == provider}
+                ax.bar([c + i * width for c in range(len(cases))], [gbps.get(c, 0) for c in cases], width,
+                       label=provider, color=PROVIDER_COLORS[provider])
+            if copy:
+                ax.axhline(copy[0]["GB/s"], color="k", ls="--", lw=1, label="device copy")
+            ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], [f"{s}  {m}" for s, m in cases],
+                          rotation=25, ha="right", fontsize=7)
+            ax.set_ylabel("GB/s")
+            ax.set_title(kernel, fontsize=10)
+            ax.legend(fontsize=7, ncol=len(providers) + 1, loc="upper left")
 
 
 def write_report(bench_json: dict, out_dir: Path) -> Path:
@@ -139,8 +136,9 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m csrc_bench")
-    parser.add_argument("command", choices=["report"])
+    parser = argparse.ArgumentParser(prog="python -m csrc_bench report",
+                                     description="The kernel benchmarks (csrc_bench/test_bench_*.py, "
+                                                 "pytest-benchmark) on a CUDA GPU, and their report.")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the results go")
     parser.add_argument("-k", dest="select", help="pytest -k expression to run a subset")
     parser.add_argument("--from-json", type=Path, nargs="+", help="re-make the report from pytest-benchmark JSONs")
@@ -150,7 +148,7 @@ def main(argv: list[str]) -> int:
         bench_json = merge(args.from_json)
     else:
         if not torch.cuda.is_available():
-            print("csrc_bench needs a CUDA GPU and this machine has none: nothing measured.")
+            print(NO_GPU)
             return 0
         with tempfile.TemporaryDirectory() as tmp:
             paths = run_benchmarks(Path(tmp), args.select, args.timeout)

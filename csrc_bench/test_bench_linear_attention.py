@@ -5,7 +5,7 @@ import torch
 import dcae_kernels
 from dcae_kernels import reference
 
-from .common import bench_marks, compiled, grad_fn, measure, nbytes
+from .common import bench_marks, compiled, grad_fn, measure, nbytes, timed_call
 
 pytestmark = bench_marks
 
@@ -59,3 +59,21 @@ def test_relu_linear_attention(benchmark, op, shape, provider, mode):
             run, total, flops = ((lambda: torch.autograd.grad(y, inputs, grad, retain_graph=True)), bwd_bytes,
                                  2 * fwd_flops)
     measure(benchmark, run, kernel=op, provider=provider, mode=mode, shape=label, nbytes=total, flops=flops)
+
+
+# The split form tiled inference runs (dcae tiling): the state of a whole image, then apply to (a region of) it.
+@pytest.mark.parametrize("provider", ["triton", "eager", "compile"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("op", ["relu_linear_attention_state", "relu_linear_attention_apply"])
+def test_state_and_apply(benchmark, op, mode, provider):
+    batch, heads, height, width = NCHW[0]
+    qkv = torch.randn(batch, heads * 96, height, width, device="cuda", dtype=torch.bfloat16)
+    state = reference.relu_linear_attention_state(qkv, 32)
+    third = nbytes(qkv) // 3  # bytes of one of q, k, v
+    if op == "relu_linear_attention_state":  # read k, v, write the state; back: read k, v, dS, write dqkv
+        inputs, fwd_bytes, bwd_bytes = [qkv], 2 * third + nbytes(state), 5 * third + nbytes(state)
+    else:  # read q and the state, write out; back: read q, dout, the state, write dqkv and dS
+        inputs, fwd_bytes, bwd_bytes = [qkv, state], 2 * third + nbytes(state), 5 * third + 2 * nbytes(state)
+    run, total = timed_call(implementation(op, provider), inputs, mode, fwd_bytes, bwd_bytes)
+    measure(benchmark, run, kernel=op, provider=provider, mode=mode,
+            shape=f"B{batch} heads{heads} d32 N{height * width}", nbytes=total)

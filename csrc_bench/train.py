@@ -1,18 +1,20 @@
-"""`python -m csrc_bench train`: one DC-AE training step as the trainer runs it (`Trainer.train_step` with one
-micro-batch: bf16 autocast forward, L1 + LPIPS loss, backward, AdamW step, zero_grad), in one run on one card:
+"""`python -m csrc_bench train`: one DC-AE training step as the trainer takes it, timed on the trainer's own
+`Trainer.train_step` (one micro-batch: the core's autocast, bf16 on CUDA, L1 + LPIPS loss, backward, AdamW step,
+zero_grad, schedule step), in one run on one card:
 
 * phase 1 at 256px, f32c32, batch 32 (the next smaller batch after an out-of-memory): images/s and peak memory,
   ours (`dcae.DCAE` on the Triton ops) against diffusers' `AutoencoderDC` with the same config and the same
   (seeded random) weights; eager, then torch.compile of encoder and decoder if the budget allows;
-* phase 2 at 1024px: our model frozen for phase 2 (`freeze_for_phase(model, 2)`, `set_train_mode(model, 2)`,
+* phase 2 at 1024px: our model frozen for phase 2 (`AutoencoderTask.freeze` / ``train_mode``: the phase's parts,
   AdamW over its trainable parameters) against the same model training everything (phase 1's set-up), at the
   largest batch of 8, 4, 2 that the latter fits in: peak memory and their ratio.
 
-fp32 master weights, ``train()`` mode, phase 1's / phase 2's AdamW settings (`dcae.train.phases.PHASES`), LPIPS
-with random VGG weights (its cost does not depend on them). Each case starts from a fresh copy of the same
-weights with only that model on the device. Every case is guarded (an OOM or error becomes the row's ``error``)
-and the run keeps to a time budget (cases that would overrun it are recorded as skipped). Rows are printed and
-written as they finish: ``<out>/<date>-<gpu>-train.json`` and ``.md``; the ``.png`` chart at the end.
+Each case builds a `Trainer` (in a temporary run folder, closed after the case) around `BenchTask`: the DC-AE task
+on a fresh copy of the same weights, with only that model (and LPIPS) on the device; fp32 master weights, the
+phase's AdamW settings (`dcae.train.phases.PHASES`), LPIPS with random VGG weights (its cost does not depend on
+them). Every case is guarded (an OOM or error becomes the row's ``error``) and the run keeps to a time budget
+(cases that would overrun it are recorded as skipped). Rows are printed and written as they finish:
+``<out>/<date>-<gpu>-train.json`` and ``.md``; the ``.png`` chart at the end.
 ``--smoke`` runs the same path on CPU in fp32 (no autocast, as the trainer on CPU) with the tiny preset at small
 sizes, no compile; peak memory is CUDA's, so there only its estimate (state + saved for backward) is given.
 Exit status 1 when a case failed (out-of-memory and budget skips are results, not failures) or without a GPU.
@@ -28,9 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from dcae.lpips import LPIPS
+from dcae.train.autoencoder import AutoencoderOptions, AutoencoderTask
+from dcae.train.losses import ReconstructionLoss
+from dcae.train.task import Task
+from dcae.train.trainer import Trainer
 
 from .common import (COLORS, BenchRun, build_pair, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process,
-                     footprint, median_ms, sync)
+                     figure, find_row, footprint, median_ms, row_line, sync, targets_section)
 from .report import HERE, _fmt
 
 SPEEDUP_TARGET = 1.2  # phase 1: ours' images/s over diffusers'
@@ -39,6 +48,7 @@ MEMORY_TARGET = 0.55  # phase 2: peak memory over training everything (paper: 67
 PHASE_OF = {"all": 1, "phase 2": 2, "phase 2 +ckpt": 2}
 EAGER_GUESS_S = 25.0  # budget estimates for a case before one of its kind has been measured
 FIRST_COMPILE_GUESS_S = 150.0  # compiling encoder and decoder, forward and backward
+NEVER = 10**9  # steps, save_every, image_every of a case's trainer: it only takes the steps the benchmark times
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,7 @@ class Plan:
 
     preset: str  # a dcae preset with diffusers' architecture
     device: str
-    dtype: torch.dtype  # the autocast dtype; float32: no autocast
+    dtype: torch.dtype  # the trainer's autocast dtype on that device (bf16 on CUDA); float32: no autocast
     phase1: tuple[int, tuple[int, ...]]  # (image side in px, batches to try, largest first: the next after an OOM)
     phase2: tuple[int, tuple[int, ...]]  # the same for training everything; the frozen case runs at its batch
     compile: bool
@@ -65,44 +75,69 @@ def autocast(plan: Plan):
             else contextlib.nullcontext())
 
 
-def set_up(model: torch.nn.Module, provider: str, trains: str) -> torch.optim.AdamW:
-    """Freeze ``model`` for what the case trains, put it in train mode, and return the trainer's AdamW over its
-    trainable parameters. Ours: `freeze_for_phase` + `set_train_mode`; diffusers' model trains everything."""
-    from dcae.train.phases import PHASES, freeze_for_phase, set_train_mode
+class Reconstruct(nn.Module):
+    """images -> reconstructions, the model the trainer trains in the cases other than "ours": diffusers'
+    AutoencoderDC (whose forward returns ``.sample``), and, with ``compile_`` (the "-compile" providers), either
+    autoencoder as its torch.compile'd encoder then decoder (their own forwards, as the eager models call them;
+    static shapes)."""
 
-    phase = PHASES[PHASE_OF[trains]]
-    if provider.startswith("ours"):
-        freeze_for_phase(model, phase.number)
-        set_train_mode(model, phase.number)
-        model.enable_gradient_checkpointing(trains.endswith("+ckpt"))
-    elif trains == "all":
-        model.requires_grad_(True).train()
-    else:
-        raise ValueError(f"only our model has phase-2 freezing, not {provider}")
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=phase.lr, betas=phase.betas,
-                             weight_decay=phase.weight_decay)
+    def __init__(self, autoencoder: nn.Module, compile_: bool):
+        super().__init__()
+        self.autoencoder = autoencoder
+        # a tuple, not attributes: the compiled wrappers are not submodules (no second name for each parameter)
+        self.compiled = (compiled(autoencoder.encoder), compiled(autoencoder.decoder)) if compile_ else None
 
-
-def forward_fn(model: torch.nn.Module, provider: str):
-    """images -> reconstructions. The compiled providers compile the encoder and decoder modules (their own
-    forwards, as the eager models call them; static shapes)."""
-    if provider == "ours":
-        return model
-    if provider == "diffusers":
-        return lambda x: model(x).sample
-    encoder, decoder = compiled(model.encoder), compiled(model.decoder)
-    return lambda x: decoder(encoder(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.autoencoder(x).sample
+        encoder, decoder = self.compiled
+        return decoder(encoder(x))
 
 
-def train_step(forward, x: torch.Tensor, rec_loss, optimizer, plan: Plan) -> float:
-    """`Trainer.train_step` with one micro-batch, no GAN, EMA or LR schedule: returns the loss."""
-    with autocast(plan):
-        x_rec = forward(x).float()
-        loss, parts = rec_loss(x_rec, x)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return parts["rec"]
+class BenchTask(AutoencoderTask):
+    """The trainer's DC-AE task (freezing, train mode and loss of the phase) around a model the benchmark built,
+    with LPIPS of random VGG weights (``lpips``; its cost does not depend on them) instead of a weights file, no
+    held-out set, and the benchmark's images as the training items (the benchmark hands its batch to
+    ``train_step`` itself)."""
+
+    def __init__(self, options: AutoencoderOptions, model: nn.Module, images: torch.Tensor, lpips: bool):
+        super().__init__(options)
+        self.model, self.images, self.use_lpips = model, images, lpips
+
+    def build_model(self, saved: dict | None) -> nn.Module:
+        return self.model
+
+    def setup(self, ctx) -> None:
+        Task.setup(self, ctx)  # not AutoencoderTask's: no LPIPS file to load, no held-out set
+        self.lpips = LPIPS().to(ctx.device) if self.use_lpips else None
+        self.rec_loss = ReconstructionLoss(self.lpips, self.options.l1_weight, self.options.lpips_weight)
+
+    def train_set(self) -> torch.Tensor:
+        return self.images
+
+
+def build_trainer(source: nn.Module, provider: str, trains: str, x: torch.Tensor, folder: Path, plan: Plan,
+                  seed: int = 0, lpips: bool = True) -> Trainer:
+    """A `Trainer` for one case, in the run folder ``folder`` (close it after the case): `BenchTask` in the phase
+    whose set-up ``trains`` uses (`PHASE_OF`), around a fresh copy of ``source`` (ours as it is, otherwise in
+    `Reconstruct`), at ``x``'s batch and size, on the plan's device, in training mode as `Trainer.run` puts it
+    before its loop."""
+    phase = PHASE_OF[trains]
+    if phase != 1 and provider != "ours":
+        raise ValueError(f"only our eager model has phase-{phase} freezing, not {provider}")
+    autoencoder = copy.deepcopy(source)
+    model = autoencoder if provider == "ours" else Reconstruct(autoencoder, compile_=provider.endswith("-compile"))
+    options = AutoencoderOptions(phase=phase, out=folder, preset=plan.preset, steps=NEVER, batch_size=len(x),
+                                 resolution=x.shape[-1], device=plan.device, progress=False, save_every=NEVER,
+                                 image_every=NEVER, grad_checkpointing=trains.endswith("+ckpt"), seed=seed)
+    trainer = Trainer(BenchTask(options, model, x, lpips))
+    trainer.task.train_mode(trainer.model)
+    return trainer
+
+
+def autoencoder_of(model: nn.Module) -> nn.Module:
+    """The autoencoder a case measures (inside its `Reconstruct`, if any): the graph probe names its modules."""
+    return model.autoencoder if isinstance(model, Reconstruct) else model
 
 
 @contextlib.contextmanager
@@ -165,11 +200,10 @@ def images(side: int, batch: int, seed: int) -> torch.Tensor:
 
 
 class Run(BenchRun):
-    """The rows of one run, its clock and budget, its models and loss, and its files."""
+    """The rows of one run, its clock and budget, its models (each case trains a fresh copy), and its files."""
 
-    def __init__(self, plan: Plan, out: Path, start: float, budget_s: float, meta: dict, sources: dict,
-                 rec_loss, seed: int):
-        self.sources, self.rec_loss, self.seed = sources, rec_loss, seed
+    def __init__(self, plan: Plan, out: Path, start: float, budget_s: float, meta: dict, sources: dict, seed: int):
+        self.sources, self.seed = sources, seed
         super().__init__(plan, out, meta, start, budget_s, "train", sys.modules[__name__],
                          f"DC-AE {plan.preset} training step: ours vs diffusers, {meta['gpu']}, "
                          f"{meta['dtype']} ({meta['date']})")
@@ -209,16 +243,25 @@ class Run(BenchRun):
         return row
 
     def _measure(self, row: dict, x: torch.Tensor) -> None:
-        """The first step (compiling, or counting what autograd saves), the other warm-up steps, then the timed
-        steps with the peak memory over them (the steady state: AdamW's state exists, autotuning is done)."""
+        """A trainer for the case; its first step (compiling, or counting what autograd saves), the other warm-up
+        steps, then the timed steps with the peak memory over them (the steady state: AdamW's state exists,
+        autotuning is done)."""
         plan, provider = self.plan, row["provider"]
         reset_peak(plan.device)
-        model = copy.deepcopy(self.sources[provider.split("-")[0]]).to(plan.device)
-        optimizer = set_up(model, provider, row["trains"])
-        forward, x = forward_fn(model, provider), x.to(plan.device)
+        x = x.to(plan.device)
+        with tempfile.TemporaryDirectory(prefix="csrc_bench-train-") as folder:
+            trainer = build_trainer(self.sources[provider.split("-")[0]], provider, row["trains"], x, Path(folder),
+                                    plan, self.seed, self.meta["lpips"])
+            try:
+                self._steps(row, trainer, x)
+            finally:
+                trainer.close()
+
+    def _steps(self, row: dict, trainer: Trainer, x: torch.Tensor) -> None:
+        plan, model, optimizer = self.plan, trainer.model, trainer.optimizer
 
         def step(x):
-            return train_step(forward, x, self.rec_loss, optimizer, plan)
+            return trainer.train_step([x])["rec"]
 
         start = time.perf_counter()
         if row["provider"].endswith("-compile"):
@@ -226,9 +269,9 @@ class Run(BenchRun):
             sync(plan.device)
             row["compile_s"] = time.perf_counter() - start
         else:
-            exclude = {t.untyped_storage().data_ptr() for module in (model, self.rec_loss)
+            exclude = {t.untyped_storage().data_ptr() for module in (model, trainer.task.rec_loss)
                        for t in [*module.parameters(), *module.buffers()]} | {x.untyped_storage().data_ptr()}
-            with graph_probe(model, exclude) as probe:
+            with graph_probe(autoencoder_of(model), exclude) as probe:
                 row["loss"] = step(x)
             row.update(saved_gb=sum(probe["saved"].values()) / 1e9, graph_from=probe["first"],
                        loss_saved_gb=sum(probe["saved"][ptr] for ptr in probe["loss"]) / 1e9)
@@ -247,25 +290,14 @@ class Run(BenchRun):
 def progress_line(row: dict, elapsed: float) -> str:
     case = (f"[{elapsed:6.1f} s] {row['part']} {row['provider']:<17} trains {row['trains']:<7} {row['shape']:>6} "
             f"B{row['batch']:<2}")
-    if row["error"]:
-        return f"{case} {row['error']}"
-    line = f"{case} {row['images_per_s']:8.2f} img/s {row['ms']:9.1f} ms"
-    if row["peak_gb"] is not None:
-        line += f"  peak {row['peak_gb']:6.2f} GB"
-    line += f"  state {row['state_gb']:.3f} GB"
-    if row["saved_gb"] is not None:
-        line += (f"  saved {row['saved_gb']:.3f} GB (loss {row['loss_saved_gb']:.3f})  graph from "
-                 f"{row['graph_from']}")
-    if row["compile_s"] is not None:
-        line += f"  (compiled in {row['compile_s']:.1f} s)"
-    return line
+    saved = None if row["saved_gb"] is None else (f"saved {row['saved_gb']:.3f} GB (loss {row['loss_saved_gb']:.3f})"
+                                                   f"  graph from {row['graph_from']}")
+    return row_line(case, row, None if row["error"] else f"state {row['state_gb']:.3f} GB", saved)
 
 
 def find(rows: list[dict], part: str, provider: str, trains: str, batch: int) -> dict | None:
     """The row of that case that ran without error, or None."""
-    return next((r for r in rows if (r["part"], r["provider"], r["trains"], r["batch"]) == (part, provider, trains,
-                                                                                              batch)
-                 and not r["error"]), None)
+    return find_row(rows, part=part, provider=provider, trains=trains, batch=batch)
 
 
 def estimate_gb(row: dict, loss: bool = True) -> float | None:
@@ -327,10 +359,11 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
     lines = [f"# DC-AE {meta['preset']} training step: ours vs diffusers AutoencoderDC on {meta['gpu']}{memory} "
              f"({meta['date']})", "",
              f"torch {meta['torch']}, triton {meta['triton']}, diffusers {meta['diffusers']}, dcae_kernels backend "
-             f"{meta['backend']}; {meta['params'] / 1e6:.1f} M parameters. One step = the trainer's `train_step` "
-             f"with one micro-batch: forward {autocast_text} in train() mode, "
-             f"{meta['loss']}, backward, AdamW step, zero_grad; fp32 master weights; phase 1's AdamW settings "
-             "(lr 6.4e-5, wd 0.1) where everything trains, phase 2's (`freeze_for_phase(model, 2)` + "
+             f"{meta['backend']}; {meta['params'] / 1e6:.1f} M parameters. One step = the trainer's own "
+             "`Trainer.train_step` with one micro-batch (a `Trainer` per case around the DC-AE task and the case's "
+             f"model): forward {autocast_text} in train() mode, {meta['loss']}, backward, AdamW step, zero_grad, "
+             "schedule step; fp32 master weights; phase 1's AdamW settings (lr 6.4e-5, wd 0.1) where everything "
+             "trains, phase 2's (`AutoencoderTask.freeze` + `train_mode`: `freeze_for_phase(model, 2)` + "
              "`set_train_mode`, AdamW over the trainable parameters only) for `trains: phase 2`. Same seeded random "
              "weights (diffusers `save_pretrained` -> `DCAE.from_pretrained`), a fresh copy per case with only that "
              "model (and LPIPS) on the device; the same random images for every case of a shape and batch. "
@@ -365,45 +398,36 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
                      f"{_fmt(r['trainable_m'], 2)} | {r['frozen_grads'] if r['frozen_grads'] is not None else ''} | "
                      f"{r['graph_from'] or ''} | {_fmt(r['loss'], 5)} | {_fmt(speedup, 2)} | {_fmt(peak_ratio, 3)} | "
                      f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
-    lines += ["", "## Targets", ""]
-    lines += [f"- {dict([(True, 'MET'), (False, 'NOT MET'), (None, 'n/a')])[met]}: {what}"
-              for met, what in targets(rows, plan)]
+    lines += targets_section(targets(rows, plan))
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Phase 1: images/s per provider and batch; both parts: peak GB per case (the estimate where no peak was
     measured), with phase 2's target line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ran = [r for r in rows if not r["error"]]
     measured = any(r["peak_gb"] is not None for r in ran)
     label = lambda r: f"{r['part']}\n{r['shape']} B{r['batch']}\n{r['provider']}\ntrains {r['trains']}"  # noqa: E731
     color = lambda r: COLORS[r["provider"]] if r["trains"] == "all" else "tab:purple"  # noqa: E731
-    fig, axes = plt.subplots(2, 1, figsize=(12, 10))
-    speed = [r for r in ran if r["part"] == "phase 1"]
-    axes[0].bar(range(len(speed)), [r["images_per_s"] for r in speed], color=[color(r) for r in speed],
-                edgecolor="k", lw=0.3)
-    axes[0].set_xticks(range(len(speed)), [label(r) for r in speed], fontsize=7)
-    axes[0].set_ylabel("images/s")
-    axes[0].set_title("phase 1 training step throughput (higher is better)", fontsize=10)
-    value = (lambda r: r["peak_gb"] or 0) if measured else (lambda r: estimate_gb(r) or 0)  # noqa: E731
-    axes[1].bar(range(len(ran)), [value(r) for r in ran], color=[color(r) for r in ran], edgecolor="k", lw=0.3)
-    axes[1].set_xticks(range(len(ran)), [label(r) for r in ran], fontsize=7)
-    axes[1].set_ylabel("peak GB" if measured else "state + saved GB (estimate)")
-    for r in ran:
-        if r["part"] == "phase 2" and r["trains"] == "all":  # over the phase-2 bars of that batch
-            bars = [i for i, q in enumerate(ran) if (q["part"], q["batch"]) == ("phase 2", r["batch"])]
-            axes[1].hlines(MEMORY_TARGET * value(r), min(bars) - 0.4, max(bars) + 0.4, color="k", ls="--", lw=1,
-                           label=f"phase 2 target: {MEMORY_TARGET} x training everything (B{r['batch']})")
-            axes[1].legend(fontsize=7, loc="upper left")
-    axes[1].set_title("memory per training step (lower is better)", fontsize=10)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, title, 2) as grid:
+        axes = grid[:, 0]
+        speed = [r for r in ran if r["part"] == "phase 1"]
+        axes[0].bar(range(len(speed)), [r["images_per_s"] for r in speed], color=[color(r) for r in speed],
+                    edgecolor="k", lw=0.3)
+        axes[0].set_xticks(range(len(speed)), [label(r) for r in speed], fontsize=7)
+        axes[0].set_ylabel("images/s")
+        axes[0].set_title("phase 1 training step throughput (higher is better)", fontsize=10)
+        value = (lambda r: r["peak_gb"] or 0) if measured else (lambda r: estimate_gb(r) or 0)  # noqa: E731
+        axes[1].bar(range(len(ran)), [value(r) for r in ran], color=[color(r) for r in ran], edgecolor="k", lw=0.3)
+        axes[1].set_xticks(range(len(ran)), [label(r) for r in ran], fontsize=7)
+        axes[1].set_ylabel("peak GB" if measured else "state + saved GB (estimate)")
+        for r in ran:
+            if r["part"] == "phase 2" and r["trains"] == "all":  # over the phase-2 bars of that batch
+                bars = [i for i, q in enumerate(ran) if (q["part"], q["batch"]) == ("phase 2", r["batch"])]
+                axes[1].hlines(MEMORY_TARGET * value(r), min(bars) - 0.4, max(bars) + 0.4, color="k", ls="--", lw=1,
+                               label=f"phase 2 target: {MEMORY_TARGET} x training everything (B{r['batch']})")
+                axes[1].legend(fontsize=7, loc="upper left")
+        axes[1].set_title("memory per training step (lower is better)", fontsize=10)
 
 
 def oom(row: dict) -> bool:
@@ -450,9 +474,6 @@ def main(argv: list[str]) -> int:
         return 1
     out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-train-smoke" if args.smoke else HERE / "results")
 
-    from dcae.lpips import LPIPS
-    from dcae.train.losses import ReconstructionLoss
-
     loss = "L1 + LPIPS (VGG16, random weights)" if args.lpips else "L1 (no LPIPS: --no-lpips)"
     meta.update(lpips=args.lpips, loss=loss)
     if not args.smoke:
@@ -463,11 +484,9 @@ def main(argv: list[str]) -> int:
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as folder:
                 ours, theirs = build_pair(plan.preset, Path(folder), args.seed)
-            torch.manual_seed(args.seed)
-            rec_loss = ReconstructionLoss(LPIPS().to(plan.device) if args.lpips else None)
             meta.update(params=sum(p.numel() for p in theirs.parameters()), weights_gb=footprint(ours) / 1e9)
             run = Run(plan, out, start, args.budget, meta, {"ours": ours.float(), "diffusers": theirs.float()},
-                      rec_loss, args.seed)
+                      args.seed)
             print(f"{meta['gpu']}: {plan.preset}, {meta['params'] / 1e6:.1f} M parameters, built, saved and loaded "
                   f"in {time.perf_counter() - start:.1f} s; {loss}; torch {meta['torch']}, triton {meta['triton']}, "
                   f"diffusers {meta['diffusers']}, backend {meta['backend']}", flush=True)

@@ -3,21 +3,21 @@
 The network is pytorch-fid's FID InceptionV3 (TF inception-2015-12-05 weights, file
 pt_inception-2015-12-05-6726825d.pth, torchvision Inception3 key names), written here in plain torch and read
 from a local file only. It differs from torchvision's Inception3 in its pooling branches: average pools that
-leave the zero padding out of the count (TF's), and a max pool in the last block.
+leave the zero padding out of the count (TF's), and a max pool in the last block. The file's 1008-way
+classifier ``fc`` is loaded on request, for the Inception Score (`FIDInception.logits`).
 """
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import linalg
 
 from .weights import freeze, load_frozen
 
 FID_SIZE = 299
 FEATURES = 2048
+CLASSES = 1008  # the TF graph's softmax: 1000 ImageNet classes and 8 unused ones
 
 
 class ConvBNReLU(nn.Module):
@@ -154,12 +154,18 @@ def unused_key(key: str) -> bool:
     return key.startswith("fc.") or key.endswith(".num_batches_tracked")
 
 
+def step_counter(key: str) -> bool:
+    """The batch norms' num_batches_tracked, which pytorch-fid's file leaves out."""
+    return key.endswith(".num_batches_tracked")
+
+
 class FIDInception(nn.Module):
     """pytorch-fid's FID InceptionV3 up to pool3: (B, 3, H, W) in [-1, 1] -> (B, 2048). Frozen.
 
-    Inputs are resized to 299x299 bilinearly (align_corners=False, no antialiasing), as pytorch-fid does."""
+    Inputs are resized to 299x299 bilinearly (align_corners=False, no antialiasing), as pytorch-fid does.
+    ``classifier``: also hold the 1008-way ``fc`` layer, for `logits`."""
 
-    def __init__(self):
+    def __init__(self, classifier: bool = False):
         super().__init__()
         self.Conv2d_1a_3x3 = ConvBNReLU(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBNReLU(32, 32, 3)
@@ -177,12 +183,14 @@ class FIDInception(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, max_pool=False)
         self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(FEATURES, CLASSES) if classifier else None
         freeze(self)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "FIDInception":
-        """pt_inception-2015-12-05-6726825d.pth (or a .safetensors with the same keys); `fc.*` is not used."""
-        return load_frozen(cls(), path, "FID Inception", ignore=unused_key)
+    def from_file(cls, path: str | Path, classifier: bool = False) -> "FIDInception":
+        """pt_inception-2015-12-05-6726825d.pth (or a .safetensors with the same keys); its `fc.*` is read
+        (and required) only with ``classifier``."""
+        return load_frozen(cls(classifier), path, "FID Inception", ignore=step_counter if classifier else unused_key)
 
     def train(self, mode: bool = True) -> "FIDInception":
         """Stays in eval mode: batch norm must use the file's running statistics."""
@@ -201,6 +209,14 @@ class FIDInception(nn.Module):
                   self.Mixed_7c)
         return x.mean(dim=(2, 3))
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """pool3 features (B, 2048) -> (B, 1008) class logits ``features @ fc.weight^T``, without ``fc.bias``: the
+        Inception Score's softmax as the original code (improved-gan) and ADM's evaluator build it from the TF
+        graph's ``softmax/logits/MatMul``."""
+        if self.fc is None:
+            raise ValueError("this FIDInception has no classifier: build it with classifier=True")
+        return features @ self.fc.weight.T
+
 
 def load_inception(path: str | Path | None) -> tuple[FIDInception | None, str]:
     """(frozen FIDInception, what was loaded) from a local file, or (None, why rFID is off) without a path.
@@ -210,28 +226,28 @@ def load_inception(path: str | Path | None) -> tuple[FIDInception | None, str]:
     return FIDInception.from_file(path), f"FID Inception weights loaded from {path}"
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """The square root of a symmetric positive semi-definite matrix (eigenvalues below 0 from round-off: 0)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) for means (D,) and covariances (D, D).
 
-    As pytorch-fid: a non-finite square root is retried with eps added to both diagonals; an imaginary part
-    from round-off is dropped, one above 1e-3 on the diagonal is an error."""
+    tr (sigma1 sigma2)^(1/2) = tr (s sigma2 s)^(1/2) with s = sigma1^(1/2): two symmetric eigendecompositions,
+    exact for singular covariances too (pytorch-fid's general ``sqrtm`` takes minutes at D = 2048 and needs an eps
+    on the diagonals when the covariances are singular)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"means {mu1.shape}, {mu2.shape} and covariances {sigma1.shape}, {sigma2.shape} "
                          "must be (D,) and (D, D)")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"frechet_distance: sigma1 @ sigma2 is singular; adding {eps} to both diagonals")
-        offset = eps * np.eye(len(mu1))
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: sqrtm has an imaginary component {np.abs(covmean.imag).max()}")
-        covmean = covmean.real
+    root = _psd_sqrt(sigma1)
+    inner = root @ sigma2 @ root
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 class FeatureMoments:

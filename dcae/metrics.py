@@ -1,8 +1,12 @@
 """Reconstruction metrics computed the way DC-AE's evaluator does: images in [-1, 1] are quantised to uint8
 first; PSNR on those with peak 255; SSIM with an 11x11 gaussian window (sigma 1.5) averaged over the valid
 region; LPIPS and rFID on the quantised images."""
+import contextlib
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dcae.fid import FIDInception, ReconstructionFID
 from dcae.lpips import LPIPS
@@ -114,3 +118,27 @@ class ReconstructionMetrics:
             out["rfid"] = self.rfid.compute()
         return out
 
+
+
+@torch.no_grad()
+def evaluate_reconstructions(model, batches: Iterable[torch.Tensor], metrics: ReconstructionMetrics | None = None, *,
+                             dtype: torch.dtype | None = None, tile_size: int | None = None, autocast=None,
+                             progress: dict | None = None,
+                             keep: int = 0) -> tuple[dict[str, float], torch.Tensor | None]:
+    """The one evaluation loop (CLI ``evaluate``, the trainers, the demo): ``model.decode(model.encode(x))`` of
+    every batch (B, 3, H, W) in [-1, 1], on the model's device in ``dtype`` (default: the batch's), tiled when
+    ``tile_size`` is given, under ``autocast`` (a context manager) when given, scored by ``metrics`` (default:
+    PSNR and SSIM) on that device. ``progress``: tqdm keyword arguments to show a bar. Returns (the metrics, the
+    first ``keep`` reconstructions (keep, 3, H, W) on the CPU, or None when ``keep`` is 0)."""
+    device = next(model.parameters()).device
+    metrics = ReconstructionMetrics() if metrics is None else metrics
+    kept: list[torch.Tensor] = []
+    for x in batches if progress is None else tqdm(batches, **progress):
+        x = x.to(device)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            z = model.encode(x.to(dtype or x.dtype), tile_size=tile_size)
+            recon = model.decode(z, tile_size=tile_size).float().clamp(-1, 1)
+        metrics.update(x.float(), recon)
+        if len(kept) < keep:
+            kept.extend(recon[:keep - len(kept)].cpu())
+    return metrics.compute(), torch.stack(kept) if kept else None

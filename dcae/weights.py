@@ -8,19 +8,41 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 
 def torch_load(path: Path):
-    """``torch.load(path, weights_only=True)`` on CPU, with a clear ValueError for a pickle that could run code."""
+    """``torch.load(path, weights_only=True)`` on CPU. A ValueError naming the file for a pickle that could run
+    code, and for a file torch cannot read (truncated or corrupt); a missing or forbidden file raises as usual."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "").split(" Please")[0]
-        raise ValueError(f"refusing to load {path}: it pickles objects other than tensors and plain containers, "
-                         f"and unpickling those can run arbitrary code (torch.load with weights_only=True). "
-                         f"{reason}") from None
+        # torch wraps the unpickler's own error (kept as __context__) in advice to load with weights_only=False
+        reason = _first_line(e.__context__ or e).split(" Please")[0]
+        if "GLOBAL" in str(e) or "allowlisted" in str(e):
+            raise ValueError(f"refusing to load {path}: it pickles objects other than tensors and plain containers, "
+                             f"and unpickling those can run arbitrary code (torch.load with weights_only=True). "
+                             f"{reason}") from None
+        raise ValueError(f"{path} is not a readable torch file (truncated or corrupt?): {reason}") from None
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # a corrupt file fails in many ways inside torch.load: zip reader, unpickler, storages
+        detail = ": ".join(filter(None, (type(e).__name__, _first_line(e))))
+        raise ValueError(f"{path} is not a readable torch file (truncated or corrupt?): {detail}") from None
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, on CPU; a ValueError naming the file for a truncated or corrupt one."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -29,7 +51,7 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} needs local weights: {path} is not a file (nothing is downloaded)")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return load_safetensors(path)
     state = torch_load(path)
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):

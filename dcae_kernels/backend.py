@@ -24,7 +24,7 @@ def requested() -> str:
     return choice
 
 
-def _triton_blocker() -> str | None:
+def triton_blocker() -> str | None:
     """Why Triton cannot run on this machine, or None when it can."""
     if not HAS_TRITON:
         return "the triton package is not installed"
@@ -36,7 +36,7 @@ def _triton_blocker() -> str | None:
 def backend() -> str:
     """The active backend, "triton" or "reference"."""
     choice = requested()
-    blocker = _triton_blocker()
+    blocker = triton_blocker()
     if choice == "triton" and blocker:
         raise RuntimeError(f"DCAE_KERNELS_BACKEND=triton, but Triton cannot run here: {blocker}")
     if choice == "reference" or blocker:
@@ -56,3 +56,26 @@ def use_triton(x: torch.Tensor) -> bool:
             "tensor (or TRITON_INTERPRET=1 set before import)"
         )
     return False
+
+
+def run_triton(x: torch.Tensor) -> bool:
+    """Whether an op on ``x`` runs its Triton kernels, the one rule for every op: as `use_triton`, except fp64 on
+    a GPU, which runs the reference (cuBLAS and torch do fp64 well; fp64 linear-attention states of head_dim 128
+    overflow shared memory). fp64 kernels run under the interpreter, for gradcheck."""
+    return use_triton(x) and not (x.is_cuda and x.dtype == torch.float64)
+
+
+def reference_double_backward(forward, grad: torch.Tensor, primals: list[torch.Tensor],
+                              grad_grads: tuple) -> tuple:
+    """The autograd formula of a Triton backward op ``vjp(forward at primals)(grad)``, by autograd through
+    ``forward``, the op's plain-torch reference: the gradients of ``sum_i <grad_grads[i], first-order gradient of
+    primals[i]>`` w.r.t. grad and each primal (None where there is none). Second derivatives thus run the
+    reference; these results are not differentiable again (no third derivatives)."""
+    with torch.enable_grad():
+        grad, *primals = (t.detach().requires_grad_(True) for t in (grad, *primals))
+        first = torch.autograd.grad(forward(*primals), primals, grad, create_graph=True)
+        pairs = [(g, gg) for g, gg in zip(first, grad_grads) if gg is not None and g.requires_grad]
+        if not pairs:
+            return (None,) * (1 + len(primals))
+        return torch.autograd.grad([g for g, _ in pairs], [grad, *primals], [gg for _, gg in pairs],
+                                   allow_unused=True)

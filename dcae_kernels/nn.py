@@ -13,6 +13,8 @@ class _Shortcut(nn.Module):
 
     def __init__(self, op, in_channels: int, out_channels: int, factor: int):
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("factor", factor)):
+            check_positive_int(name, value)
         low, high = (out_channels, in_channels) if op is space_to_channel_avg else (in_channels, out_channels)
         if high * factor * factor % low:
             raise ValueError(f"{low} channels (low-res side) must divide {high} channels * factor^2 = "
@@ -64,7 +66,8 @@ class RMSNorm2d(nn.Module):
     """DC-AE's channel RMSNorm with weight and bias: (B, channels, H, W) -> (B, channels, H, W),
     ``y = x * rsqrt(mean_c(x^2) + eps) * weight + bias`` in fp32, ``+ residual`` fused when given.
 
-    A residual of another dtype than x (e.g. under autocast) is added after the op, with torch's type promotion.
+    A residual of another dtype than x (e.g. under autocast) is added after the op, with torch's type promotion;
+    it must still have x's shape (it is never broadcast).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -75,7 +78,9 @@ class RMSNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x, residual=None):
-        if residual is not None and residual.dtype != x.dtype:
+        if isinstance(residual, torch.Tensor) and isinstance(x, torch.Tensor) and residual.dtype != x.dtype:
+            if residual.shape != x.shape:
+                raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
             return residual + rms_norm_2d(x, self.weight, self.bias, self.eps)
         return rms_norm_2d(x, self.weight, self.bias, self.eps, residual)
 

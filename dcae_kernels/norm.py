@@ -14,18 +14,17 @@ Programs tile (pixel blocks, batch) with pixels contiguous (16-byte loads and st
   at a time, BP = MIN_BP; pass 1 sums over the channel chunks, pass 2 re-reads them (from L2) to write.
 The backward's one-pass programs loop over a chunk of pixels, summing dw and db in registers; they store them
 in a (programs, C) buffer in the accumulation dtype whose rows torch sums: no atomics, deterministic.
-``eps`` is cast in the kernel (torch.compile passes Python floats as fp64).
+``eps`` enters the kernels as ``tl.full([], eps, acc)``: exact for fp64 under the interpreter (``tl.cast`` of a
+Python float rounds it to fp32 first), converted once where torch.compile passes Python floats as fp64 scalars.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from .backend import INTERPRET, use_triton
-from .checks import check_float_tensor, check_like
+from .backend import INTERPRET, reference_double_backward, run_triton
+from .checks import check_eps, check_float_tensor, check_like
 from .outputs import accumulation_dtype, new_output
 
 # BLOCK = elements of one [BC, BP] tile: 32 per thread in the forward; 16 in the backward, which holds x, dy and
@@ -85,7 +84,7 @@ def rms_norm_2d_fwd_kernel(
     if ONE_PASS:
         o_x, m_x, o_c, m_c = _tile(i_b, 0, C, HW, o_p, m_p, BC)
         b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(acc_ty)
-        b_rstd = tl.math.rsqrt(tl.sum(b_x * b_x, 0) / C + tl.cast(eps, acc_ty))
+        b_rstd = tl.math.rsqrt(tl.sum(b_x * b_x, 0) / C + tl.full([], eps, acc_ty))
         _normalize(b_x, b_rstd, o_x, m_x, o_c, m_c, w_ptr, b_ptr, res_ptr, y_ptr, HAS_RES)
     else:
         b_ss = tl.zeros([BP], dtype=acc_ty)
@@ -93,7 +92,7 @@ def rms_norm_2d_fwd_kernel(
             o_x, m_x, _, _ = _tile(i_b, c0, C, HW, o_p, m_p, BC)
             b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(acc_ty)
             b_ss += tl.sum(b_x * b_x, 0)
-        b_rstd = tl.math.rsqrt(b_ss / C + tl.cast(eps, acc_ty))
+        b_rstd = tl.math.rsqrt(b_ss / C + tl.full([], eps, acc_ty))
         for c0 in range(0, C, BC):
             o_x, m_x, o_c, m_c = _tile(i_b, c0, C, HW, o_p, m_p, BC)
             b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0).to(acc_ty)
@@ -200,9 +199,10 @@ def _rms_norm_2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
 
 
 @triton_op("dcae::rms_norm_2d_bwd", mutates_args=())
-def _rms_norm_2d_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of rms_norm_2d's y w.r.t. x (B, C, H, W), weight (C,) and bias (C,), from rstd (B, H*W)."""
+def _rms_norm_2d_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of rms_norm_2d's y w.r.t. x (B, C, H, W), weight (C,) and bias (C,), from rstd (B, H*W).
+    ``eps`` (already in rstd) is for the second derivatives, which run the reference."""
     batch, channels, height, width = x.shape
     hw = height * width
     if x.numel() == 0:
@@ -224,7 +224,7 @@ def _rms_norm_2d_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, _, residual = inputs
+    x, weight, _, ctx.eps, residual = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, output[1])
     ctx.has_residual = residual is not None
@@ -234,12 +234,27 @@ def _backward(ctx, grad, _):
     x, weight, rstd = ctx.saved_tensors
     grads = [None, None, None]
     if any(ctx.needs_input_grad[:3]):
-        grads = torch.ops.dcae.rms_norm_2d_bwd(grad, x, weight, rstd)
+        grads = torch.ops.dcae.rms_norm_2d_bwd(grad, x, weight, rstd, ctx.eps)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])]
     return *grads, None, grad if ctx.has_residual and ctx.needs_input_grad[4] else None
 
 
+def _bwd_setup_context(ctx, inputs, output):
+    grad, x, weight, _, ctx.eps = inputs
+    ctx.save_for_backward(grad, x, weight)
+
+
+def _double_backward(ctx, *grad_grads):
+    """Second derivatives through the reference (the bias does not enter the first derivatives' values)."""
+    grad, x, weight = ctx.saved_tensors
+    d_grad, d_x, d_weight, _ = reference_double_backward(
+        lambda x, w, b: reference.rms_norm_2d(x, w, b, ctx.eps), grad, [x, weight, torch.zeros_like(weight)],
+        grad_grads)
+    return d_grad, d_x, d_weight, None, None
+
+
 _rms_norm_2d_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_2d_bwd_op.register_autograd(_double_backward, setup_context=_bwd_setup_context)
 
 
 def _check(x, weight, bias, eps, residual) -> None:
@@ -251,17 +266,9 @@ def _check(x, weight, bias, eps, residual) -> None:
     if weight.shape[0] != channels:
         raise ValueError(f"weight must have shape (C,) = ({channels},), x's channel count, got {tuple(weight.shape)}")
     check_like("bias", bias, "weight", weight, (channels,))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite float > 0, got {eps}")
+    check_eps(eps)
     if residual is not None:
         check_like("residual", residual, "x", x, x.shape)
-
-
-def _run_triton(x: torch.Tensor) -> bool:
-    """Triton for x, except fp64 on a GPU (the reference does fp64 well; fp64 kernels run under the interpreter)."""
-    return use_triton(x) and not (x.is_cuda and x.dtype == torch.float64)
 
 
 def rms_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
@@ -273,6 +280,6 @@ def rms_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
     y = x * rsqrt(mean_c(x^2) + eps) * weight[c] + bias[c] (+ residual), in fp32 (fp64 for fp64), rounded once.
     """
     _check(x, weight, bias, eps, residual)
-    if _run_triton(x):
+    if run_triton(x):
         return torch.ops.dcae.rms_norm_2d(x, weight, bias, float(eps), residual)[0]
     return reference.rms_norm_2d(x, weight, bias, eps, residual)

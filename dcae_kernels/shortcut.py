@@ -7,7 +7,9 @@ repeat every channel ``R = C_out*f*f/C`` times, then pixel_shuffle by ``f``.
 Each op is the other's adjoint: d(down)/dx = up(dy) / G and d(up)/dx = down(dy) * R, so the two kernels
 below serve forward and backward. Both see the high-resolution tensor as rows of the "unshuffled" index
 ``t = c*f + i`` (channel, sub-row) and move whole row segments, so loads and stores along W stay contiguous.
-``scale`` is cast to the accumulation dtype in the kernels (torch.compile passes Python floats as fp64).
+``scale`` (1/G in the backward) enters the kernels as ``tl.full([], scale, acc)``: exact for fp64 under the
+interpreter (``tl.cast`` of a Python float rounds it to fp32 first), converted once where torch.compile passes
+Python floats as fp64 scalars.
 """
 import math
 
@@ -17,7 +19,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import reference
-from .backend import INTERPRET, use_triton
+from .backend import INTERPRET, run_triton
 from .checks import check_float_tensor, check_like, check_positive_int
 from .outputs import new_output
 
@@ -85,7 +87,7 @@ def space_to_channel_avg_kernel(
             m_u = (o_u >= n * GROUP) & (o_u < (n + 1) * GROUP)
             b_x = tl.where(m_u[None, :], b_x, 0.0)
             b_acc += tl.sum(tl.reshape(b_x, [BH, BW, FP]), axis=2)
-        b_y = b_acc * (tl.cast(scale, acc_ty) / GROUP)
+        b_y = b_acc * (tl.full([], scale, acc_ty) / GROUP)
         o_y = (bg * NC + n) * HL * WL + (o_h * WL)[:, None] + o_w[None, :]
         if HAS_RES:
             b_y += tl.load(res_ptr + o_y, mask=m_y, other=0.0).to(acc_ty)
@@ -120,7 +122,7 @@ def channel_to_space_dup_kernel(
             b_x = tl.load(x_ptr + (bg * NC + n) * HL * WL + o_x, mask=m_x, other=0.0).to(acc_ty)
             m_n = (r * F + o_j) // GROUP == n
             b_rep = tl.where(m_n[None, None, :], b_x[:, :, None], b_rep)
-        b_y = tl.reshape(b_rep, [BH, BW * FP]) * tl.cast(scale, acc_ty)
+        b_y = tl.reshape(b_rep, [BH, BW * FP]) * tl.full([], scale, acc_ty)
         t = bg * NR + r
         o_y = (t // F) * HL * F * W + ((o_h * F + (t % F).to(tl.int32)) * W)[:, None] + col[None, :]
         if HAS_RES:
@@ -209,9 +211,7 @@ _channel_to_space_dup_op.register_autograd(_channel_to_space_dup_backward, setup
 def _check(x, out_channels, factor, residual, down: bool):
     check_float_tensor("x", x, 4, "(B, C, H, W)")
     check_positive_int("out_channels", out_channels)
-    check_positive_int("factor", factor)
-    if factor > MAX_FACTOR:
-        raise ValueError(f"factor must be <= {MAX_FACTOR}, got {factor}")
+    check_positive_int("factor", factor, MAX_FACTOR)
     batch, channels, height, width = x.shape
     if down:
         if height % factor or width % factor:
@@ -239,7 +239,7 @@ def space_to_channel_avg(x: torch.Tensor, out_channels: int, factor: int = 2,
     y = pixel_unshuffle(x, f).view(B, out_channels, G, H/f, W/f).mean(2) + residual, G = C*f*f/out_channels.
     """
     _check(x, out_channels, factor, residual, down=True)
-    if use_triton(x):
+    if run_triton(x):
         return torch.ops.dcae.space_to_channel_avg(x, out_channels, factor, residual)
     return reference.space_to_channel_avg(x, out_channels, factor, residual)
 
@@ -252,6 +252,6 @@ def channel_to_space_dup(x: torch.Tensor, out_channels: int, factor: int = 2,
     y = pixel_shuffle(x.repeat_interleave(R, dim=1), f) + residual, R = out_channels*f*f/C.
     """
     _check(x, out_channels, factor, residual, down=False)
-    if use_triton(x):
+    if run_triton(x):
         return torch.ops.dcae.channel_to_space_dup(x, out_channels, factor, residual)
     return reference.channel_to_space_dup(x, out_channels, factor, residual)

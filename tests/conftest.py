@@ -20,7 +20,7 @@ settings.load_profile("dcae")
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the lent GPU machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -44,3 +44,11 @@ def reference_ops_outside_kernel_tests(request):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DCAE_KERNELS_BACKEND", "reference")
         yield
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """``pytest --benchmark-only`` here skips every test, none being a benchmark: say where the benchmarks are."""
+    if config.getoption("benchmark_only", default=False):
+        terminalreporter.write_line("the benchmarks are in csrc_bench/, not tests/, and need a CUDA GPU: "
+                                    "pytest csrc_bench --benchmark-only, or python -m csrc_bench report "
+                                    "(make bench; on a CPU it runs tiny smoke runs instead)")

@@ -67,14 +67,12 @@ def test_reconstruction_fid_compares_real_and_reconstructed_features():
     assert expected > 0.1
 
 
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    """A random FID Inception saved as pytorch-fid's file is: torchvision key names, a 1008-way fc, no
+def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random FID Inception as pytorch-fid's file holds it: torchvision key names, a 1008-way fc, no
     num_batches_tracked. Weights are scaled so that features do not vanish through the 94 layers."""
-    torch.manual_seed(0)
-    net = FIDInception()
+    torch.manual_seed(seed)
     state = {}
-    for key, value in net.state_dict().items():
+    for key, value in FIDInception().state_dict().items():
         if key.endswith("conv.weight"):
             value = nn.init.kaiming_normal_(torch.empty_like(value), nonlinearity="relu")
         elif key.endswith(("bn.weight", "running_var")):
@@ -83,7 +81,12 @@ def inception_file(tmp_path_factory):
             value = torch.randn_like(value) * 0.1
         if not key.endswith("num_batches_tracked"):
             state[key] = value
-    state |= {"fc.weight": torch.randn(1008, 2048), "fc.bias": torch.randn(1008)}
+    return state | {"fc.weight": torch.randn(1008, 2048) / 2048**0.5, "fc.bias": torch.randn(1008)}
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    state = random_inception_state()
     path = tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     return path, state
@@ -92,7 +95,7 @@ def inception_file(tmp_path_factory):
 def test_inception_reads_pytorch_fid_keys_and_gives_pool3_features(inception_file):
     path, state = inception_file
     net = FIDInception.from_file(path)
-    assert sum(p.numel() for p in net.parameters()) == INCEPTION_POOL3_PARAMS
+    assert sum(p.numel() for p in net.parameters()) == INCEPTION_POOL3_PARAMS and net.fc is None
     loaded = net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
     net.train()
@@ -114,3 +117,16 @@ def test_inception_refuses_wrong_files(inception_file, tmp_path):
         FIDInception.from_file(tmp_path / "absent.pth")
     module, message = load_inception(None)
     assert module is None and message.startswith("rFID disabled:")
+
+
+def test_inception_classifier_gives_unbiased_logits_on_request(inception_file, tmp_path):
+    path, state = inception_file
+    net = FIDInception.from_file(path, classifier=True)
+    assert not net.fc.weight.requires_grad and torch.equal(net.fc.bias, state["fc.bias"])
+    features = torch.rand(3, 2048, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(net.logits(features), features @ state["fc.weight"].T)  # no bias, as the IS code
+    with pytest.raises(ValueError, match="no classifier"):
+        FIDInception().logits(features)
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, tmp_path / "pool3_only.pth")
+    with pytest.raises(ValueError, match=r"missing \(2\):\n    fc.weight\n    fc.bias"):
+        FIDInception.from_file(tmp_path / "pool3_only.pth", classifier=True)

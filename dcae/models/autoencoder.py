@@ -1,10 +1,15 @@
 """The DC-AE encoder, decoder and the `DCAE` model (weight-compatible with diffusers' AutoencoderDC)."""
+from typing import Iterable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import DownBlock, RMSNorm2d, UpBlock, add_down_shortcut, add_up_shortcut, make_act, make_block
+from . import pretrained
+from .blocks import (DownBlock, EfficientViTBlock, Local, RMSNorm2d, UpBlock, add_down_shortcut, add_up_shortcut,
+                     conv_halo, local, make_act, make_block)
 from .config import DCAEConfig, get_config
+from .tiling import check_tiling, tiled
 
 
 def run_stage(stage: nn.Module, h: torch.Tensor, checkpointing: bool) -> torch.Tensor:
@@ -43,6 +48,11 @@ class Encoder(nn.Module):
         """Last stage's features (B, C, h, w) -> latents, with the factor-1 channel-averaging shortcut."""
         out = self.conv_out(h)
         return add_down_shortcut(h, self.latent_channels, 1, out) if self.out_shortcut else out
+
+    def layers(self) -> list:
+        """``forward`` as the sequence tiling runs: `Local` layers and EfficientViT blocks, in order."""
+        blocks = [b if isinstance(b, EfficientViTBlock) else local(b) for stage in self.down_blocks for b in stage]
+        return [local(self.conv_in), *blocks, Local(self.project_out, conv_halo(self.conv_out))]
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -87,6 +97,18 @@ class Decoder(nn.Module):
         """First stage's features -> images."""
         return self.conv_out(self.conv_act(self.norm_out(h)))
 
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """The conv that produces the images."""
+        return self.conv_out if isinstance(self.conv_out, nn.Conv2d) else self.conv_out.conv
+
+    def layers(self) -> list:
+        """``forward`` as the sequence tiling runs: `Local` layers and EfficientViT blocks, in order."""
+        blocks = [b if isinstance(b, EfficientViTBlock) else local(b)
+                  for stage in reversed(self.up_blocks) for b in stage]
+        return [Local(self.project_in, conv_halo(self.conv_in)), *blocks,
+                Local(self.project_out, local(self.conv_out).halo)]  # norm_out and the activation are per pixel
+
     def forward(self, z):
         h = self.project_in(z)
         for stage in reversed(self.up_blocks):
@@ -97,7 +119,17 @@ class Decoder(nn.Module):
 class DCAE(nn.Module):
     """Deep Compression Autoencoder: ``encode`` (B, 3, H, W) in [-1, 1] -> unscaled latents
     (B, c, H/r, W/r); ``decode`` back; ``forward`` = reconstruction. Multiply latents by ``scaling_factor``
-    before a diffusion model sees them."""
+    before a diffusion model sees them.
+
+    Its parts, the groups a training phase selects by name (`parts`), in the order forward runs them:
+    ``encoder.in`` (conv_in), ``encoder.stages.0`` .. ``encoder.stages.{n-1}`` (down_blocks, highest resolution
+    first), ``encoder.out`` (conv_out, the latent projection), ``decoder.in`` (conv_in, the latent input
+    projection), ``decoder.stages.{n-1}`` .. ``decoder.stages.0`` (up_blocks; decoder stage i works at encoder
+    stage i's resolution), ``decoder.out`` (norm_out, the activation, conv_out). Every parameter is in exactly
+    one part; stages without blocks are parts without parameters. `deepest_stage` and `last_decoder_stage` name
+    the stage indices the paper's phases train; `last_layer_weight` is the layer a GAN loss balances against.
+    Parameter (state-dict) names are diffusers' and do not depend on the parts.
+    """
 
     def __init__(self, config: DCAEConfig):
         super().__init__()
@@ -114,13 +146,12 @@ class DCAE(nn.Module):
     def from_pretrained(cls, path, preset=None, dtype: torch.dtype | None = None) -> "DCAE":
         """Load a local diffusers AutoencoderDC folder, one of ours, or the authors' checkpoint (see
         `dcae.models.pretrained.load`)."""
-        from .pretrained import load
-        return load(cls, path, preset=preset, dtype=dtype)
+        return pretrained.load(cls, path, preset=preset, dtype=dtype)
 
-    def save_pretrained(self, path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` to the folder ``path``."""
-        from .pretrained import save
-        save(self, path)
+    def save_pretrained(self, path, format: str = "dcae") -> None:
+        """Write the model to the folder ``path``: ``format="dcae"``: ``config.json`` + ``model.safetensors``;
+        ``format="diffusers"``: a folder diffusers' ``AutoencoderDC.from_pretrained`` loads."""
+        pretrained.save(self, path, format=format)
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each stage's activations in backward instead of keeping them (training memory)."""
@@ -134,6 +165,42 @@ class DCAE(nn.Module):
     def scaling_factor(self) -> float:
         return self.config.scaling_factor
 
+    def parts(self, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
+        """Part name -> module (see the class docstring), all of them in forward order, or those in ``names``
+        in that order. ``decoder.out`` is a container of three of the decoder's modules, made on each call."""
+        enc, dec = self.encoder, self.decoder
+        stages = range(len(enc.down_blocks))
+        parts = {"encoder.in": enc.conv_in, **{f"encoder.stages.{i}": enc.down_blocks[i] for i in stages},
+                 "encoder.out": enc.conv_out, "decoder.in": dec.conv_in,
+                 **{f"decoder.stages.{i}": dec.up_blocks[i] for i in reversed(stages)},
+                 "decoder.out": nn.ModuleDict({"norm_out": dec.norm_out, "conv_act": dec.conv_act,
+                                               "conv_out": dec.conv_out})}
+        if names is None:
+            return parts
+        if isinstance(names, str):
+            raise TypeError(f"names must be an iterable of part names, got the string {names!r}")
+        unknown = [n for n in names if n not in parts]
+        if unknown:
+            raise ValueError(f"unknown DC-AE parts {unknown}; parts: {list(parts)}")
+        return {n: parts[n] for n in names}
+
+    @property
+    def deepest_stage(self) -> int:
+        """The index of the lowest-resolution stage (encoder and decoder): the one nearest the latents."""
+        return self.config.num_stages - 1
+
+    @property
+    def last_decoder_stage(self) -> int:
+        """The index of the decoder stage that runs last among those with parameters (the decoder runs its
+        stages from the deepest to 0, and stage 0 is empty in the "in"/"mix" layouts)."""
+        return min(i for i, stage in enumerate(self.decoder.up_blocks) if any(True for _ in stage.parameters()))
+
+    @property
+    def last_layer_weight(self) -> nn.Parameter:
+        """The weight of the decoder's last conv (the one producing the images): the layer a GAN loss's
+        adaptive weight balances against."""
+        return self.decoder.last_conv.weight
+
     def _check(self, x: torch.Tensor, channels: int, name: str, multiple: int):
         if not torch.is_tensor(x) or x.dim() != 4:
             raise ValueError(f"{name} must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
@@ -146,20 +213,31 @@ class DCAE(nn.Module):
                              "(pad the image to a multiple of the compression ratio)")
 
     def encode(self, x: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None):
-        """(B, 3, H, W) in [-1, 1] -> (B, c, H/r, W/r). ``tile_size`` / ``tile_overlap`` in image pixels."""
-        self._check(x, self.config.in_channels, "x", self.spatial_compression_ratio)
-        if tile_size is None:
+        """(B, 3, H, W) in [-1, 1] -> (B, c, H/r, W/r); B = 0 gives an empty batch of latents.
+
+        ``tile_size``: run in tiles of that side (image pixels, a multiple of r; `dcae.models.tiling`), with
+        the same result up to float rounding. ``tile_overlap`` must be None (the tiles' halos are exact).
+        """
+        r = self.spatial_compression_ratio
+        self._check(x, self.config.in_channels, "x", r)
+        check_tiling(self, r, tile_size, tile_overlap)
+        if not len(x):
+            return x.new_empty(0, self.config.latent_channels, x.shape[2] // r, x.shape[3] // r)
+        if tile_size is None or max(x.shape[2:]) <= tile_size:
             return self.encoder(x)
-        from ..tiling import tiled_encode
-        return tiled_encode(self, x, tile_size, tile_overlap)
+        return tiled(self.encoder.layers(), x, tile_size, scale=1)
 
     def decode(self, z: torch.Tensor, tile_size: int | None = None, tile_overlap: int | None = None):
-        """(B, c, h, w) -> (B, 3, h*r, w*r). ``tile_size`` / ``tile_overlap`` in image pixels."""
+        """(B, c, h, w) -> (B, 3, h*r, w*r); B = 0 gives an empty batch of images. ``tile_size`` /
+        ``tile_overlap``: as in `encode`."""
+        r = self.spatial_compression_ratio
         self._check(z, self.config.latent_channels, "z", 1)
-        if tile_size is None:
+        check_tiling(self, r, tile_size, tile_overlap)
+        if not len(z):
+            return z.new_empty(0, self.config.in_channels, z.shape[2] * r, z.shape[3] * r)
+        if tile_size is None or max(z.shape[2:]) * r <= tile_size:
             return self.decoder(z)
-        from ..tiling import tiled_decode
-        return tiled_decode(self, z, tile_size, tile_overlap)
+        return tiled(self.decoder.layers(), z, tile_size, scale=r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -2,14 +2,51 @@
 except LiteMLA's single interleaved ``qkv`` conv (diffusers splits it into ``to_q``/``to_k``/``to_v``).
 A block ending in ``x + rms_norm(h)`` runs it as one fused RMSNorm2d + add kernel.
 
-All blocks map (B, C, H, W) -> (B, C', H', W').
+All blocks map (B, C, H, W) -> (B, C', H', W'). Each says how it runs on a tile (`dcae.models.tiling`): a local
+block has a ``halo`` (`Halo`); the EfficientViT block's one non-local part, its attention, splits into a state
+summed over the whole input (``attention_state``) and ``forward(x, state)``, which is local.
 """
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dcae_kernels
 from dcae_kernels.nn import RMSNorm2d
+
+
+@dataclass(frozen=True)
+class Halo:
+    """How far a local layer reads, along each axis: output pixels [lo, hi) depend only on the input pixels
+    [lo // up * down - radius, ceil(hi / up) * down + radius). Run on that crop of its input (starting on a
+    multiple of ``down``, clipped at the borders), the layer gives those output pixels exactly."""
+
+    radius: int
+    up: int = 1
+    down: int = 1
+
+
+def conv_halo(conv: nn.Conv2d) -> Halo:
+    """A square-kernel conv's halo, from its kernel size, dilation, padding and stride."""
+    (k, _), (d, _), (p, _) = conv.kernel_size, conv.dilation, conv.padding
+    return Halo(max(p, (k - 1) * d - p), down=conv.stride[0])
+
+
+class Local(NamedTuple):
+    """A local function (B, C, h, w) -> (B, C', h*up/down, w*up/down) and its `Halo`: what tiling runs."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    halo: Halo
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def local(module: nn.Module) -> Local:
+    """A local module (a conv, or a block with a ``halo``) as a `Local`."""
+    return Local(module, conv_halo(module) if isinstance(module, nn.Conv2d) else module.halo)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -45,6 +82,10 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm, channels)
         self.act = make_act(act)
 
+    @property
+    def halo(self) -> Halo:
+        return Halo(conv_halo(self.conv1).radius + conv_halo(self.conv2).radius)
+
     def forward(self, x):
         return add_norm(self.norm, self.conv2(self.act(self.conv1(x))), x)
 
@@ -58,6 +99,10 @@ class MultiscaleProjection(nn.Module):
                                  bias=False)
         self.proj_out = nn.Conv2d(channels, channels, 1, groups=groups, bias=False)
 
+    @property
+    def halo(self) -> Halo:
+        return conv_halo(self.proj_in)
+
     def forward(self, qkv):
         return self.proj_out(self.proj_in(qkv))
 
@@ -65,7 +110,10 @@ class MultiscaleProjection(nn.Module):
 class LiteMLA(nn.Module):
     """EfficientViT's multi-scale ReLU linear attention branch, with its residual: ``x + norm(proj(attn))``.
 
-    qkv (B, 3C, H, W) is per-head interleaved; each scale adds ``C / head_dim`` heads.
+    qkv (B, 3C, H, W) is per-head interleaved; each scale adds ``C / head_dim`` heads. The attention's one sum
+    over all pixels is its state (`attention_state`); ``forward(x, state)`` with a given state is local, so
+    ``forward(x) == forward(x, attention_state(x))`` (up to rounding) and a region of x can run with the whole
+    input's state.
     """
 
     def __init__(self, channels: int, head_dim: int, scales: tuple[int, ...], norm: str, eps: float = 1e-15):
@@ -84,12 +132,29 @@ class LiteMLA(nn.Module):
             qkv = torch.cat([qkv, *(m(qkv) for m in self.to_qkv_multiscale)], dim=1)
         return qkv
 
-    def add_output(self, x, out):
-        """``x + norm_out(to_out(out))``: the block's output from its input and the attention ``out``."""
-        return add_norm(self.norm_out, self.to_out(out), x)
+    @property
+    def halo(self) -> Halo:
+        """The halo of `project_qkv` and of ``forward(x, state)`` (the multi-scale convs')."""
+        return Halo(max((m.halo.radius for m in self.to_qkv_multiscale), default=0))
 
-    def forward(self, x):
-        return self.add_output(x, dcae_kernels.relu_linear_attention(self.project_qkv(x), self.head_dim, self.eps))
+    def qkv_state(self, qkv):
+        """qkv (B, 3C', h, w) from `project_qkv` -> the state of those pixels (B, heads, head_dim+1, head_dim),
+        ``[v; 1] relu(k)^T`` summed in fp32 (at least): states of disjoint regions add up to their union's."""
+        return dcae_kernels.relu_linear_attention_state(qkv, self.head_dim)
+
+    def attention_state(self, x):
+        """x (B, C, H, W) -> the state (B, heads, head_dim+1, head_dim) that ``forward(x)`` attends with."""
+        return self.qkv_state(self.project_qkv(x))
+
+    def forward(self, x, state=None):
+        """x (B, C, h, w) -> (B, C, h, w). With ``state`` (`attention_state` of the whole input, of which x may
+        be a region) the queries of x attend to it; without, x attends to itself (one fused op)."""
+        qkv = self.project_qkv(x)
+        if state is None:
+            out = dcae_kernels.relu_linear_attention(qkv, self.head_dim, self.eps)
+        else:
+            out = dcae_kernels.relu_linear_attention_apply(qkv, state, self.head_dim, self.eps)
+        return add_norm(self.norm_out, self.to_out(out), x)
 
 
 class GLUMBConv(nn.Module):
@@ -103,21 +168,35 @@ class GLUMBConv(nn.Module):
         self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
         self.norm = RMSNorm2d(channels)
 
+    @property
+    def halo(self) -> Halo:
+        return conv_halo(self.conv_depth)
+
     def forward(self, x):
         a, g = self.conv_depth(F.silu(self.conv_inverted(x))).chunk(2, dim=1)
         return self.norm(self.conv_point(a * F.silu(g)), x)
 
 
 class EfficientViTBlock(nn.Module):
-    """LiteMLA (global context) then GLUMBConv (local), each residual."""
+    """LiteMLA (global context) then GLUMBConv (local), each residual. ``forward(x, state)`` with the state of
+    the whole input (`attention_state`) is local, with ``halo``; ``forward(x) == forward(x, attention_state(x))``."""
 
     def __init__(self, channels: int, head_dim: int, scales: tuple[int, ...], norm: str):
         super().__init__()
         self.attn = LiteMLA(channels, head_dim, scales, norm)
         self.conv_out = GLUMBConv(channels)
 
-    def forward(self, x):
-        return self.conv_out(self.attn(x))
+    @property
+    def halo(self) -> Halo:
+        """The halo of ``forward(x, state)``."""
+        return Halo(self.attn.halo.radius + self.conv_out.halo.radius)
+
+    def attention_state(self, x):
+        """x (B, C, H, W) -> its attention's state (B, heads, head_dim+1, head_dim); see `LiteMLA`."""
+        return self.attn.attention_state(x)
+
+    def forward(self, x, state=None):
+        return self.conv_out(self.attn(x, state))
 
 
 def make_block(kind: str, channels: int, norm: str, act: str, head_dim: int, scales: tuple[int, ...]):
@@ -138,6 +217,10 @@ class DownBlock(nn.Module):
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
 
+    @property
+    def halo(self) -> Halo:
+        return Halo(conv_halo(self.conv).radius, down=2)
+
     def forward(self, x):
         h = self.conv(x)
         if self.unshuffle:
@@ -153,6 +236,10 @@ class UpBlock(nn.Module):
         super().__init__()
         self.out_channels, self.interpolate, self.shortcut = out_channels, kind == "interpolate", shortcut
         self.conv = nn.Conv2d(in_channels, out_channels * (1 if self.interpolate else 4), 3, padding=1)
+
+    @property
+    def halo(self) -> Halo:
+        return Halo(conv_halo(self.conv).radius, up=2)
 
     def forward(self, x):
         if self.interpolate:

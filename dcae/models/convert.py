@@ -3,7 +3,7 @@
 
 A layout is one `KeyMap`: each key of our state dict -> its key(s) in that layout and a transform kind that
 knows both directions, so loading and saving cannot disagree. Key maps are built from our own model's key list
-for a config (a meta-device model: no memory), so every key is accounted for.
+for a config (the model class, passed in, built on the meta device: no memory), so every key is accounted for.
 
 - ``dcae``: ours, identity.
 - ``diffusers``: our names, except LiteMLA's ``attn.qkv.weight`` (3C, C, 1, 1) = ``cat([to_q, to_k, to_v])``
@@ -21,9 +21,10 @@ import warnings
 from typing import Mapping, NamedTuple
 
 import torch
+from torch import nn
 
 from ..weights import check_state_dict
-from .config import BLOCK_TYPES, PRESETS, DCAEConfig, get_config
+from .config import BLOCK_TYPES, PRESETS, ConfigError, DCAEConfig, get_config
 
 LAYOUTS = ("dcae", "diffusers", "authors")
 OPTIONAL_SUFFIX = ".num_batches_tracked"
@@ -59,11 +60,10 @@ def is_optional(key: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def our_shapes(config: DCAEConfig) -> dict[str, torch.Size]:
-    """Our state dict's keys and shapes for ``config``, from a meta-device model (no memory)."""
-    from .autoencoder import DCAE
+def our_shapes(model_cls: type[nn.Module], config: DCAEConfig) -> dict[str, torch.Size]:
+    """The state dict's keys and shapes of ``model_cls(config)`` (DCAE), from a meta-device model (no memory)."""
     with torch.device("meta"):
-        model = DCAE(config)
+        model = model_cls(config)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
@@ -107,12 +107,13 @@ class KeyMap:
         return True
 
 
-def key_map(config, layout: str) -> KeyMap:
-    """The `KeyMap` of ``layout`` ("dcae" | "diffusers" | "authors") for a config or preset name."""
+def key_map(model_cls: type[nn.Module], config, layout: str) -> KeyMap:
+    """The `KeyMap` of ``layout`` ("dcae" | "diffusers" | "authors") for ``model_cls`` (DCAE) of a config or
+    preset name."""
     config = get_config(config)
     if layout == "authors":
         check_authors_expressible(config)
-    shapes = our_shapes(config)
+    shapes = our_shapes(model_cls, config)
     rule = {"dcae": lambda k: Rule(k, (k,)), "diffusers": _diffusers_rule,
             "authors": lambda k: Rule(k, (_authors_key(config, k),))}
     if layout not in rule:
@@ -153,8 +154,23 @@ _ACT_TO_DIFFUSERS = {"relu": "relu", "silu": "silu", "gelu": "gelu"}  # no ReLU6
 _DIFFUSERS_NORMS = ("rms_norm", "batch_norm")  # its "layer_norm" normalises the wrong axis of NCHW
 
 
-def _per_stage(value, n: int) -> tuple:
-    return (value,) * n if isinstance(value, str) else tuple(value)
+# Our DCAEConfig field -> the AutoencoderDC config key it comes from (for error messages).
+_DIFFUSERS_NAMES = {
+    "encoder_widths": "encoder_block_out_channels", "decoder_widths": "decoder_block_out_channels",
+    "encoder_depths": "encoder_layers_per_block", "decoder_depths": "decoder_layers_per_block",
+    "decoder_norms": "decoder_norm_types", "decoder_acts": "decoder_act_fns", "decoder_out_act": "decoder_conv_act_fn",
+}
+
+
+def _per_stage(c: Mapping, field: str, n: int | None = None) -> tuple:
+    """A per-stage AutoencoderDC setting as a tuple; a string (with ``n``) applies to every stage."""
+    value = c[field]
+    if isinstance(value, str) and n is not None:
+        return (value,) * n
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"diffusers config {field}: expected a list{' or a string' if n is not None else ''}, "
+                         f"got {value!r}")
+    return tuple(value)
 
 
 def _act_from_diffusers(name: str, field: str) -> str:
@@ -171,36 +187,43 @@ def config_from_diffusers(d: Mapping) -> DCAEConfig:
     than "pixel_unshuffle" is a stride-2 conv; ``upsample_block_type`` other than "interpolate" is
     pixel_shuffle; a string for a per-stage field applies to every stage. Settings we cannot express raise.
     """
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a diffusers config is a JSON object, got {type(d).__name__}")
+    unknown = sorted(str(k) for k in d if not str(k).startswith("_") and k not in DIFFUSERS_DEFAULTS)
     if unknown:
         warnings.warn(f"ignoring AutoencoderDC config keys that diffusers' AutoencoderDC does not take: {unknown}")
     c = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if k in DIFFUSERS_DEFAULTS}}
-    n_enc, n_dec = len(c["encoder_block_out_channels"]), len(c["decoder_block_out_channels"])
-    blocks = {side: _per_stage(c[f"{side}_block_types"], n) for side, n in (("encoder", n_enc), ("decoder", n_dec))}
+    enc_widths, dec_widths = _per_stage(c, "encoder_block_out_channels"), _per_stage(c, "decoder_block_out_channels")
+    n_enc, n_dec = len(enc_widths), len(dec_widths)
+    blocks = {side: _per_stage(c, f"{side}_block_types", n) for side, n in (("encoder", n_enc), ("decoder", n_dec))}
     for side, types in blocks.items():
-        bad = [t for t in types if t not in BLOCK_TYPES]
+        bad = [t for t in types if not isinstance(t, str) or t not in BLOCK_TYPES]
         if bad:
             raise ValueError(f"diffusers config {side}_block_types: {bad} not among {BLOCK_TYPES}")
-    norms = _per_stage(c["decoder_norm_types"], n_dec)
-    bad = [t for t in norms if t not in _DIFFUSERS_NORMS]
+    norms = _per_stage(c, "decoder_norm_types", n_dec)
+    bad = [t for t in norms if not isinstance(t, str) or t not in _DIFFUSERS_NORMS]
     if bad:
         raise ValueError(f"diffusers config decoder_norm_types: {bad} cannot be expressed (supported: "
                          f"{_DIFFUSERS_NORMS})")
-    acts = tuple(_act_from_diffusers(a, "decoder_act_fns") for a in _per_stage(c["decoder_act_fns"], n_dec))
-    return DCAEConfig(
-        encoder_widths=tuple(c["encoder_block_out_channels"]), decoder_widths=tuple(c["decoder_block_out_channels"]),
-        encoder_depths=tuple(c["encoder_layers_per_block"]), decoder_depths=tuple(c["decoder_layers_per_block"]),
-        encoder_block_types=blocks["encoder"], decoder_block_types=blocks["decoder"],
-        latent_channels=c["latent_channels"],
-        encoder_norms=("rms_norm",) * n_enc, encoder_acts=("silu",) * n_enc, decoder_norms=norms, decoder_acts=acts,
-        encoder_qkv_multiscales=tuple(tuple(s) for s in c["encoder_qkv_multiscales"]),
-        decoder_qkv_multiscales=tuple(tuple(s) for s in c["decoder_qkv_multiscales"]),
-        downsample_block_type="pixel_unshuffle" if c["downsample_block_type"] == "pixel_unshuffle" else "conv",
-        upsample_block_type="interpolate" if c["upsample_block_type"] == "interpolate" else "pixel_shuffle",
-        encoder_out_shortcut=bool(c["encoder_out_shortcut"]), decoder_in_shortcut=bool(c["decoder_in_shortcut"]),
-        decoder_out_act=_act_from_diffusers(c["decoder_conv_act_fn"], "decoder_conv_act_fn"),
-        attention_head_dim=c["attention_head_dim"], in_channels=c["in_channels"],
-        scaling_factor=float(c["scaling_factor"]))
+    acts = tuple(_act_from_diffusers(a, "decoder_act_fns") for a in _per_stage(c, "decoder_act_fns", n_dec))
+    try:
+        return DCAEConfig(
+            encoder_widths=enc_widths, decoder_widths=dec_widths,
+            encoder_depths=_per_stage(c, "encoder_layers_per_block"),
+            decoder_depths=_per_stage(c, "decoder_layers_per_block"),
+            encoder_block_types=blocks["encoder"], decoder_block_types=blocks["decoder"],
+            latent_channels=c["latent_channels"], encoder_norms=("rms_norm",) * n_enc, encoder_acts=("silu",) * n_enc,
+            decoder_norms=norms, decoder_acts=acts,
+            encoder_qkv_multiscales=_per_stage(c, "encoder_qkv_multiscales"),
+            decoder_qkv_multiscales=_per_stage(c, "decoder_qkv_multiscales"),
+            downsample_block_type="pixel_unshuffle" if c["downsample_block_type"] == "pixel_unshuffle" else "conv",
+            upsample_block_type="interpolate" if c["upsample_block_type"] == "interpolate" else "pixel_shuffle",
+            encoder_out_shortcut=c["encoder_out_shortcut"], decoder_in_shortcut=c["decoder_in_shortcut"],
+            decoder_out_act=_act_from_diffusers(c["decoder_conv_act_fn"], "decoder_conv_act_fn"),
+            attention_head_dim=c["attention_head_dim"], in_channels=c["in_channels"],
+            scaling_factor=c["scaling_factor"])
+    except ConfigError as e:
+        raise ValueError(f"diffusers config {_DIFFUSERS_NAMES.get(e.field, e.field)}: {e.problem}") from None
 
 
 def config_to_diffusers(config) -> dict:
@@ -316,6 +339,8 @@ def check_authors_expressible(cfg: DCAEConfig) -> None:
 def preset_name(name: str) -> str:
     """A preset name, an authors' model name or hub repo id -> our preset name, e.g.
     "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers" -> "dc-ae-f32c32-in-1.0"."""
+    if not isinstance(name, str):
+        raise ValueError(f"a DC-AE model name is a string, got {name!r}")
     base = name.rsplit("/", 1)[-1]
     base = base[: -len("-diffusers")] if base.endswith("-diffusers") else base
     if base not in PRESETS:
@@ -339,21 +364,21 @@ def guess_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "dcae"
 
 
-def match_presets(state_dict: Mapping[str, torch.Tensor], layout: str) -> list[str]:
-    """The presets whose ``layout`` key map fits ``state_dict`` exactly (keys and shapes)."""
+def match_presets(model_cls: type[nn.Module], state_dict: Mapping[str, torch.Tensor], layout: str) -> list[str]:
+    """The presets whose ``layout`` key map (for ``model_cls``) fits ``state_dict`` exactly (keys and shapes)."""
     names = []
     for name, cfg in PRESETS.items():
         try:
-            if key_map(cfg, layout).matches(state_dict):
+            if key_map(model_cls, cfg, layout).matches(state_dict):
                 names.append(name)
         except ValueError:  # a preset this layout cannot express
             continue
     return names
 
 
-def infer_preset(state_dict: Mapping[str, torch.Tensor], layout: str) -> str:
-    """The one preset whose shapes ``state_dict`` has, or a ValueError naming the candidates."""
-    names = match_presets(state_dict, layout)
+def infer_preset(model_cls: type[nn.Module], state_dict: Mapping[str, torch.Tensor], layout: str) -> str:
+    """The one preset whose shapes (for ``model_cls``) ``state_dict`` has, or a ValueError naming the candidates."""
+    names = match_presets(model_cls, state_dict, layout)
     if len(names) == 1:
         return names[0]
     if names:

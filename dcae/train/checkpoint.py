@@ -28,6 +28,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from ..files import fsync
+
 FORMAT = 1
 STATE_FILE = "state.json"
 LATEST_FILE = "latest"
@@ -76,25 +78,25 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: dict[str, 
             cpu = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
                    for k, v in group.items()}
             safetensors.torch.save_file(cpu, path)
-            _fsync(path)
+            fsync(path)
             files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
         manifest = {"format": FORMAT, "step": step, "files": files, "state": state}
         (tmp / STATE_FILE).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / STATE_FILE)
-        _fsync(tmp)
+        fsync(tmp / STATE_FILE)
+        fsync(tmp)
         if final.exists():  # re-saving a step (resumed from an older checkpoint): move the old one aside
             os.replace(final, _temp_path(directory, "old-" + final.name))
         os.replace(tmp, final)
-        _fsync(directory)
+        fsync(directory)
     except BaseException:
         _remove(tmp)
         raise
 
     pointer = _temp_path(directory, LATEST_FILE)
     pointer.write_text(final.name + "\n")
-    _fsync(pointer)
+    fsync(pointer)
     os.replace(pointer, directory / LATEST_FILE)
-    _fsync(directory)
+    fsync(directory)
 
     if keep_last is not None:
         older = [p for p in reversed(list_checkpoints(directory)) if p != final]
@@ -116,13 +118,17 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def find_latest(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names; the newest complete one when `latest` is missing or dangling; else None."""
+    """The checkpoint `latest` names; the newest complete one when `latest` is missing or dangling; else None.
+    A `latest` naming anything but a `ckpt-*` folder of `directory` (another path) is refused: CheckpointError."""
     directory = Path(directory)
     pointer = directory / LATEST_FILE
     if pointer.is_file():
-        named = directory / pointer.read_text().strip()
-        if _CKPT_NAME.fullmatch(named.name) and (named / STATE_FILE).is_file():
-            return named
+        name = pointer.read_text(errors="replace").strip()
+        if not _CKPT_NAME.fullmatch(name):
+            raise CheckpointError(f"{pointer}: names {name[:80]!r}, not a checkpoint of this folder "
+                                  "(expected ckpt-<step>)")
+        if (directory / name / STATE_FILE).is_file():
+            return directory / name
     found = list_checkpoints(directory)
     return found[-1] if found else None
 
@@ -238,15 +244,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a folder (a folder's entries: new names and renames)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

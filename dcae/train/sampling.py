@@ -10,7 +10,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset whose ``__getitem__`` draws from torch's global RNG: item ``epoch * n + i`` is
+    """Wraps a dataset whose ``__getitem__`` draws from torch's global CPU RNG: item ``epoch * n + i`` is
     ``dataset[i]`` drawn under the seed (seed, epoch, i)."""
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -22,7 +22,8 @@ class SeededSamples(Dataset):
     def __getitem__(self, virtual_index: int):
         epoch, index = divmod(virtual_index, len(self.dataset))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+            # the CPU generator only: torch.manual_seed would also queue a (costly) seed of every CUDA device
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
             return self.dataset[index]
 
 

@@ -1,7 +1,7 @@
 """csrc_bench's report arithmetic and files, from a made-up pytest-benchmark JSON (no GPU needed)."""
 import json
 
-from csrc_bench.report import load_rows, main
+from csrc_bench.report import SMOKE_COMMANDS, load_rows, main
 
 
 def bench(kernel, provider, mode, seconds, nbytes, flops=None):
@@ -33,7 +33,7 @@ def test_report_files_from_json(tmp_path, capsys):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps(dict(FAKE, benchmarks=FAKE["benchmarks"][:2])))
     second.write_text(json.dumps(dict(FAKE, benchmarks=FAKE["benchmarks"][2:])))
-    assert main(["report", "--from-json", str(first), str(second), "--out", str(tmp_path / "out")]) == 0
+    assert main(["--from-json", str(first), str(second), "--out", str(tmp_path / "out")]) == 0
     stem = tmp_path / "out" / "2026-11-26-nvidia-h200"
     md = stem.with_suffix(".md").read_text()
     assert "| down | B8 | fwd | triton | 0.4000 | 0.6000 | 3750 | 93.8 | 10.00 | 5.00 | 1.25 |  |" in md
@@ -44,5 +44,8 @@ def test_report_files_from_json(tmp_path, capsys):
 def test_report_without_gpu_says_so(capsys, monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["report"]) == 0
-    assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "report needs a CUDA GPU and this machine has none: nothing measured" in out
+    assert "not performance figures" in out  # and it offers the smoke runs
+    assert all(f"python -m csrc_bench {name} --smoke" in out for name in SMOKE_COMMANDS)

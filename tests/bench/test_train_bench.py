@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from csrc_bench.train import GPU, SMOKE, failed, graph_probe, markdown, peak_gb, run_cases, set_up, targets, train_step
+from csrc_bench.train import (GPU, SMOKE, build_trainer, failed, graph_probe, markdown, peak_gb, run_cases,
+                              targets)
 from csrc_bench.train import main as train_main
 from dcae import DCAE
-from dcae.train.losses import ReconstructionLoss
 from dcae.train.phases import trainable_modules
+from dcae.train.runfolder import RunFolder
 
 pytest.importorskip("diffusers")  # the dev extra has it; the GPU machine only when .whl/ is carried
 
@@ -53,15 +54,26 @@ def test_smoke_run_writes_rows_table_and_chart(tmp_path, capsys):
     assert "written:" in out and "graph from encoder.down_blocks" in out
 
 
-def test_phase2_step_trains_only_the_middle_layers():
+@pytest.fixture
+def one_thread():
+    # as a smoke run (common.end_to_end_process): at these sizes more threads only contend on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_phase2_step_trains_only_the_middle_layers(tmp_path, one_thread):
     torch.manual_seed(0)
-    model = DCAE.from_config(SMOKE.preset)
-    optimizer = set_up(model, "ours", "phase 2")
-    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    source = DCAE.from_config(SMOKE.preset)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    trainer = build_trainer(source, "ours", "phase 2", x, tmp_path, SMOKE, lpips=False)
+    model = trainer.model
+    assert model is not source and model.config == source.config  # a fresh copy
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for m in trainable_modules(model, 2).values() for p in m.parameters()}
     assert in_optimizer == trainable == {id(p) for p in model.parameters() if p.requires_grad}
     assert len(trainable) < len(list(model.parameters()))
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
     # The encoder's frozen front runs without building a graph: nothing before it needs grad.
     h = model.encoder.conv_in(x)
     for stage in model.encoder.down_blocks[:-1]:
@@ -69,7 +81,12 @@ def test_phase2_step_trains_only_the_middle_layers():
     assert not h.requires_grad and h.grad_fn is None
     before = {name: t.detach().clone() for name, t in model.state_dict().items()}
     with graph_probe(model, set()) as probe:
-        train_step(model, x, ReconstructionLoss(), optimizer, SMOKE)
+        parts = trainer.train_step([x])
+    trainer.close()
+    RunFolder(tmp_path).acquire()  # close() released the run folder's lock
+    assert trainer.step == 1 and set(parts) == {"l1", "rec"}  # L1 only: lpips=False
+    # the part phase 2 names "encoder.stages.<deepest>" is the module the graph probe names encoder.down_blocks.<n>
+    assert trainable_modules(model, 2)[f"encoder.stages.{model.deepest_stage}"] is model.encoder.down_blocks[-1]
     assert probe["first"].startswith(f"encoder.down_blocks.{len(model.encoder.down_blocks) - 1}.")
     assert probe["loss"] and probe["loss"] < set(probe["saved"])  # the loss saves (x_rec - x) for abs
     for name, p in model.named_parameters():
@@ -78,6 +95,8 @@ def test_phase2_step_trains_only_the_middle_layers():
     frozen_bn = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert frozen_bn and all(torch.equal(model.state_dict()[f"{name}.running_mean"], before[f"{name}.running_mean"])
                              for name in frozen_bn)  # set_train_mode: frozen BatchNorms keep their statistics
+    with pytest.raises(ValueError, match="only our eager model has phase-2 freezing, not diffusers"):
+        build_trainer(source, "diffusers", "phase 2", x, tmp_path / "other", SMOKE)
 
 
 def test_without_gpu_says_so_and_fails(capsys, monkeypatch):

@@ -11,6 +11,7 @@ from dcae_kernels.nn import ReLULinearAttention
 
 from .allocations import record_allocations
 from .device import CUDA, DEVICE, OPCHECK_UTILS
+from .nonfinite import SPECIALS, check_nonfinite_like_reference, plant
 
 # Relative to the largest reference magnitude. On a GPU the products with the fp32 state run on tf32 tensor
 # cores (fp32 inputs too); the interpreter multiplies in full fp32.
@@ -50,7 +51,7 @@ def assert_close(actual, expected, dtype, eager=None):
 
 def check_against_reference(fn, ref, inputs):
     """Forward and the gradient of every input equal the reference run in fp64 on the same values, as closely
-    as the reference run in the inputs' dtype does."""
+    as the reference run in the inputs' dtype does; each result in the dtype the reference gives it."""
     dtype = inputs[0].dtype
 
     def run(f, cast, grad=None):
@@ -62,10 +63,10 @@ def check_against_reference(fn, ref, inputs):
     y, grads, grad = run(fn, lambda t: t)
     y_ref, grads_ref, _ = run(ref, torch.Tensor.double, grad)
     y_eager, grads_eager, _ = run(ref, lambda t: t, grad)
-    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert y.dtype == y_eager.dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, y_eager)
-    for g, g_ref, g_eager in zip(grads, grads_ref, grads_eager):
-        assert g.dtype == dtype and g.shape == g_ref.shape
+    for t, g, g_ref, g_eager in zip(inputs, grads, grads_ref, grads_eager):
+        assert g.dtype == t.dtype and g.shape == g_ref.shape
         assert_close(g, g_ref, dtype, g_eager)
     return y, grads
 
@@ -83,16 +84,16 @@ def check_tokens(batch, n, heads, head_dim, dtype, layout="contiguous"):
 
 # N = H*W from 1 to 300 (several N-chunks of 64 under the interpreter, partial tiles), N <= head_dim included.
 @st.composite
-def nchw_cases(draw, dtypes, head_dims):
+def nchw_cases(draw, dtypes, head_dims, max_height=12, max_width=25, min_width=1):
     return dict(batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 4)),
-                head_dim=draw(st.sampled_from(head_dims)), height=draw(st.integers(1, 12)),
-                width=draw(st.integers(1, 25)), dtype=draw(st.sampled_from(dtypes)),
+                head_dim=draw(st.sampled_from(head_dims)), height=draw(st.integers(1, max_height)),
+                width=draw(st.integers(min_width, max_width)), dtype=draw(st.sampled_from(dtypes)),
                 layout=draw(st.sampled_from(["contiguous", "channels_last"])))
 
 
 @st.composite
-def token_cases(draw, dtypes, head_dims, max_n=300):
-    return dict(batch=draw(st.integers(1, 2)), n=draw(st.integers(1, max_n)), heads=draw(st.integers(1, 4)),
+def token_cases(draw, dtypes, head_dims, max_n=300, min_n=1):
+    return dict(batch=draw(st.integers(1, 2)), n=draw(st.integers(min_n, max_n)), heads=draw(st.integers(1, 4)),
                 head_dim=draw(st.sampled_from(head_dims)), dtype=draw(st.sampled_from(dtypes)),
                 layout=draw(st.sampled_from(["contiguous", "strided"])))
 
@@ -271,6 +272,254 @@ def test_compiles_without_graph_breaks_on_reference(monkeypatch):
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(qkv, q), fn(qkv, q))
 
 
+# ----------------------------------------------------------------------------------------- state and apply
+def state_apply_nchw(head_dim, rows):
+    """(ours, reference): apply to the top ``rows`` rows of qkv with the state of the whole of it."""
+    def make(state_fn, apply_fn):
+        return lambda qkv: apply_fn(qkv[..., :rows, :], state_fn(qkv, head_dim), head_dim)
+    return (make(dk.relu_linear_attention_state, dk.relu_linear_attention_apply),
+            make(reference.relu_linear_attention_state, reference.relu_linear_attention_apply))
+
+
+def state_apply_tokens(tokens):
+    """(ours, reference): apply the first ``tokens`` queries to the state of all the keys."""
+    def make(state_fn, apply_fn):
+        return lambda q, k, v: apply_fn(q[:, :tokens], state_fn(k, v))
+    return (make(dk.relu_linear_attention_tokens_state, dk.relu_linear_attention_tokens_apply),
+            make(reference.relu_linear_attention_tokens_state, reference.relu_linear_attention_tokens_apply))
+
+
+# N >= 2: with the keys of one position, out = v whatever q, and dq = 0 is rounding noise, which the linear
+# form (here at every N) leaves larger than the reference does (see test_quadratic_form_is_exact_at_one_token).
+@settings(max_examples=5)
+@given(case=nchw_cases([torch.float32, torch.float16], [8, 16, 32], max_height=6, max_width=14, min_width=2),
+       seed=st.integers(0, 2**16))
+def test_state_and_apply_match_reference(case, seed):
+    """The state alone; apply to a region with the whole's state, gradients through both; apply alone, with the
+    state's gradient. Any N (the state ops have no quadratic form)."""
+    torch.manual_seed(seed)
+    head_dim, rows = case["head_dim"], (case["height"] + 1) // 2
+    qkv = make_qkv(**case)
+    check_against_reference(lambda t: dk.relu_linear_attention_state(t, head_dim),
+                            lambda t: reference.relu_linear_attention_state(t, head_dim), [qkv])
+    check_against_reference(*state_apply_nchw(head_dim, rows), [qkv])
+    state = reference.relu_linear_attention_state(make_qkv(**case), head_dim)
+    check_against_reference(lambda t, s: dk.relu_linear_attention_apply(t, s, head_dim),
+                            lambda t, s: reference.relu_linear_attention_apply(t, s, head_dim), [qkv, state])
+
+
+@settings(max_examples=5)
+@given(case=token_cases([torch.float32, torch.float16], [8, 16, 24, 32], max_n=80, min_n=2),
+       seed=st.integers(0, 2**16))
+def test_tokens_state_and_apply_match_reference(case, seed):
+    torch.manual_seed(seed)
+    q, k, v = make_tokens(**case)
+    check_against_reference(dk.relu_linear_attention_tokens_state, reference.relu_linear_attention_tokens_state,
+                            [k, v])
+    check_against_reference(*state_apply_tokens((case["n"] + 1) // 2), [q, k, v])
+    state = reference.relu_linear_attention_tokens_state(*make_tokens(**case)[1:])
+    check_against_reference(dk.relu_linear_attention_tokens_apply, reference.relu_linear_attention_tokens_apply,
+                            [q, state])
+
+
+@pytest.mark.parametrize("n", [12, 40])  # the fused op's quadratic (N <= head_dim) and linear forms
+@pytest.mark.parametrize("tokens", [False, True])
+def test_fused_op_is_state_then_apply(n, tokens):
+    """relu_linear_attention == apply(state): values and gradients; bit for bit where both take the linear form."""
+    if tokens:
+        inputs = [t.requires_grad_(True) for t in make_tokens(2, n, 2, 16, torch.float32)]
+        fused, split = dk.relu_linear_attention_tokens, state_apply_tokens(n)[0]
+    else:
+        inputs = [make_qkv(2, 2, 16, 2, n // 2, torch.float32).requires_grad_(True)]
+        fused, split = (lambda t: dk.relu_linear_attention(t, 16)), state_apply_nchw(16, 2)[0]
+    y, y_split = fused(*inputs), split(*inputs)
+    grad = torch.randn_like(y)
+    results = [(y, *torch.autograd.grad(y, inputs, grad)), (y_split, *torch.autograd.grad(y_split, inputs, grad))]
+    for a, b in zip(*results):
+        if n > 16:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_states_of_tiles_add_up(tokens):
+    """The states of the tiles of an image (token sets) sum to the whole's; applying that state to a tile gives
+    the whole attention's values there."""
+    if tokens:
+        q, k, v = make_tokens(1, 90, 2, 16, torch.float32)
+        parts = [slice(0, 30), slice(30, 31), slice(31, 90)]
+        states = [dk.relu_linear_attention_tokens_state(k[:, p], v[:, p]) for p in parts]
+        whole, state = dk.relu_linear_attention_tokens_state(k, v), sum(states)
+        out = dk.relu_linear_attention_tokens_apply(q[:, 31:], state)
+        expected = reference.relu_linear_attention_tokens(*(t.double() for t in (q, k, v)))[:, 31:]
+    else:
+        qkv = make_qkv(2, 2, 16, 9, 10, torch.float32)
+        tiles = [qkv[..., :4, :6], qkv[..., :4, 6:], qkv[..., 4:, :6], qkv[..., 4:, 6:]]
+        whole = dk.relu_linear_attention_state(qkv, 16)
+        state = sum(dk.relu_linear_attention_state(t, 16) for t in tiles)
+        out = dk.relu_linear_attention_apply(tiles[3], state, 16)
+        expected = reference.relu_linear_attention(qkv.double(), 16)[..., 4:, 6:]
+    assert state.shape == whole.shape and state.dtype == torch.float32
+    assert_close(state, whole.double(), torch.float32)
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_state_and_apply_gradcheck_float64(tokens):
+    """Numerical gradients through state and apply, and of apply w.r.t. a state given as an input."""
+    if tokens:
+        inputs = [t.requires_grad_(True) for t in make_tokens(1, 12, 2, 8, torch.float64)]
+        fn, _ = state_apply_tokens(5)
+        state = reference.relu_linear_attention_tokens_state(*make_tokens(1, 20, 2, 8, torch.float64)[1:])
+        apply = [dk.relu_linear_attention_tokens_apply, inputs[0], state.requires_grad_(True)]
+    else:
+        inputs = [make_qkv(1, 2, 8, 3, 4, torch.float64).requires_grad_(True)]
+        fn, _ = state_apply_nchw(8, 2)
+        state = reference.relu_linear_attention_state(make_qkv(1, 2, 8, 5, 4, torch.float64), 8)
+        apply = [lambda t, s: dk.relu_linear_attention_apply(t, s, 8), inputs[0], state.requires_grad_(True)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert torch.autograd.gradcheck(apply[0], apply[1:], fast_mode=True)
+
+
+def test_state_and_apply_opcheck():
+    qkv = make_qkv(2, 2, 16, 3, 5, torch.float32).requires_grad_(True)
+    state = torch.ops.dcae.relu_linear_attention_state(qkv, 16)
+    opcheck(torch.ops.dcae.relu_linear_attention_state.default, (qkv, 16), test_utils=OPCHECK_UTILS)
+    opcheck(torch.ops.dcae.relu_linear_attention_apply.default, (qkv, state.detach().requires_grad_(True), 16, 1e-15),
+            test_utils=OPCHECK_UTILS)
+    opcheck(torch.ops.dcae.relu_linear_attention_state_bwd.default, (torch.randn_like(state), qkv.detach(), 16),
+            test_utils=OPCHECK_UTILS)
+    opcheck(torch.ops.dcae.relu_linear_attention_apply_bwd.default,
+            (torch.randn(2, 32, 3, 5, device=DEVICE), qkv.detach(), state.detach(), 16, 1e-15),
+            test_utils=OPCHECK_UTILS)
+    q, k, v = (t.requires_grad_(True) for t in make_tokens(2, 15, 2, 16, torch.float32))
+    state = torch.ops.dcae.relu_linear_attention_tokens_state(k, v)
+    opcheck(torch.ops.dcae.relu_linear_attention_tokens_state.default, (k, v), test_utils=OPCHECK_UTILS)
+    opcheck(torch.ops.dcae.relu_linear_attention_tokens_apply.default,
+            (q, state.detach().requires_grad_(True), 1e-15), test_utils=OPCHECK_UTILS)
+    opcheck(torch.ops.dcae.relu_linear_attention_tokens_state_bwd.default,
+            (torch.randn_like(state), k.detach(), v.detach()), test_utils=OPCHECK_UTILS)
+    opcheck(torch.ops.dcae.relu_linear_attention_tokens_apply_bwd.default,
+            (torch.randn_like(q), q.detach(), state.detach(), 1e-15), test_utils=OPCHECK_UTILS)
+
+
+def test_state_and_apply_empty_inputs_launch_nothing(monkeypatch):
+    monkeypatch.setattr(linear_attention, "wrap_triton", lambda kernel: pytest.fail("a kernel was launched"))
+    for shape in ((0, 2, 16, 4, 4), (2, 2, 16, 0, 4), (2, 0, 16, 4, 4)):
+        qkv = make_qkv(*shape, torch.float32).requires_grad_(True)
+        state = dk.relu_linear_attention_state(qkv, 16)
+        assert state.shape == (shape[0], shape[1], 17, 16) and state.eq(0).all()
+        y = dk.relu_linear_attention_apply(qkv, state, 16)
+        assert y.shape == reference.relu_linear_attention_apply(qkv, state, 16).shape
+        (grad,) = torch.autograd.grad((y.sum(), state.sum()), qkv)
+        assert grad.shape == qkv.shape
+    k, v = (t.requires_grad_(True) for t in make_tokens(2, 0, 3, 16, torch.float32)[:2])
+    state = dk.relu_linear_attention_tokens_state(k, v)
+    assert state.shape == (2, 3, 17, 16) and state.eq(0).all()
+    y = dk.relu_linear_attention_tokens_apply(k, state)
+    assert y.shape == k.shape and torch.autograd.grad(state.sum(), v)[0].shape == v.shape
+
+
+def test_state_and_apply_on_reference_backend(monkeypatch):
+    monkeypatch.setenv("DCAE_KERNELS_BACKEND", "reference")
+    monkeypatch.setattr(linear_attention, "wrap_triton", lambda kernel: pytest.fail("a kernel was launched"))
+    qkv = make_qkv(1, 2, 16, 4, 6, torch.float32)
+    state = dk.relu_linear_attention_state(qkv, 16)
+    torch.testing.assert_close(state, reference.relu_linear_attention_state(qkv, 16))
+    torch.testing.assert_close(dk.relu_linear_attention_apply(qkv, state, 16),
+                               reference.relu_linear_attention_apply(qkv, state, 16))
+    q, k, v = make_tokens(1, 7, 2, 16, torch.float32)
+    state = dk.relu_linear_attention_tokens_state(k, v)
+    torch.testing.assert_close(state, reference.relu_linear_attention_tokens_state(k, v))
+    torch.testing.assert_close(dk.relu_linear_attention_tokens_apply(q, state),
+                               reference.relu_linear_attention_tokens_apply(q, state))
+
+
+# ----------------------------------------------------------------------------------------- NaN and Inf
+def with_specials(tokens, n, dtype, head_dim=8, device=DEVICE):
+    """Inputs of 3 batches x 4 heads: batch b holds SPECIALS[b] (NaN, +Inf, -Inf) at one token of head h's part h
+    (q, k, v) for h < 3; head 3 stays finite."""
+    if tokens:
+        parts = list(torch.randn(3, 3, n, 4, head_dim, device=device).unbind(0))
+        for b, value in enumerate(SPECIALS):
+            for part in range(3):
+                parts[part] = plant(parts[part], (b, n // 2, part, 3), value)
+        return [t.to(dtype) for t in parts]
+    qkv = torch.randn(3, 4 * 3 * head_dim, 1, n, device=device)
+    for b, value in enumerate(SPECIALS):
+        for part in range(3):
+            qkv = plant(qkv, (b, (3 * part + part) * head_dim + 3, 0, n // 2), value)
+    return [qkv.to(dtype)]
+
+
+NONFINITE_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf - inf, 0 * inf
+@pytest.mark.parametrize("tokens, n, dtype", [(False, 6, torch.float32), (False, 20, torch.float32),
+                                              (True, 6, torch.float32), (True, 20, torch.float32),
+                                              (False, 20, torch.float16), (True, 6, torch.float16)])
+def test_nan_and_inf_propagate_like_reference(tokens, n, dtype):
+    """NaN / +-Inf in q, k or v: the same NaN and Inf positions as the reference in the output and every gradient,
+    in the quadratic (N = 6 <= head_dim) and linear (N = 20) forms. torch.relu keeps NaN, and its backward
+    passes the gradient through at NaN inputs."""
+    check_nonfinite(tokens, n, dtype)
+
+
+def check_nonfinite(tokens, n, dtype, head_dim=8):
+    inputs = with_specials(tokens, n, dtype, head_dim)
+    if tokens:
+        check_nonfinite_like_reference(dk.relu_linear_attention_tokens, reference.relu_linear_attention_tokens,
+                                       inputs, NONFINITE_RTOL[dtype])
+    else:
+        check_nonfinite_like_reference(lambda t: dk.relu_linear_attention(t, head_dim),
+                                       lambda t: reference.relu_linear_attention(t, head_dim), inputs,
+                                       NONFINITE_RTOL[dtype])
+
+
+def check_state_and_apply_nonfinite(tokens, n, dtype, head_dim=8):
+    """apply to the first n - 2 positions with the state of all n."""
+    inputs = with_specials(tokens, n, dtype, head_dim)
+    fns = state_apply_tokens(n - 2) if tokens else state_apply_nchw(head_dim, 1)
+    if not tokens:
+        fns = tuple(lambda t, f=f: f(t)[..., :n - 2] for f in fns)
+    check_nonfinite_like_reference(*fns, inputs, NONFINITE_RTOL[dtype])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("tokens", [False, True])
+def test_state_and_apply_nan_and_inf_propagate_like_reference(tokens):
+    check_state_and_apply_nonfinite(tokens, 6, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- fp64, second order
+def test_float64_is_exact_to_float64_rounding():
+    """fp64 under the interpreter: eps = 0.1 (not an fp32 number) on small queries, so the normaliser is mostly
+    eps: the kernels must use eps in fp64 to match the fp64 reference to fp64 rounding."""
+    qkv = make_qkv(1, 2, 8, 3, 7, torch.float64)
+    qkv.view(1, 2, 3, 8, 3, 7)[:, :, 0] *= 1e-3  # the q blocks
+    q, k, v = (t * 1e-3 for t in make_tokens(1, 21, 2, 8, torch.float64))
+    state = reference.relu_linear_attention_state(qkv, 8)
+    calls = [("relu_linear_attention", (qkv, 8, 0.1)), ("relu_linear_attention", (qkv[..., :1, :4], 8, 0.1)),
+             ("relu_linear_attention_apply", (qkv, state, 8, 0.1)), ("relu_linear_attention_tokens", (q, k, v, 0.1))]
+    # eps rounded to fp32 gave errors of ~1e-8
+    for ours, ref in ((getattr(dk, op)(*args), getattr(reference, op)(*args)) for op, args in calls):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("op", ["fused", "tokens", "state_apply", "tokens_state_apply"])
+def test_second_derivatives(op):
+    """Double backward (gradgradcheck, fp64): the backward ops' own gradients come from the reference."""
+    if op in ("tokens", "tokens_state_apply"):
+        inputs = [t.requires_grad_(True) for t in make_tokens(1, 5 if op == "tokens" else 20, 1, 8, torch.float64)]
+        fn = dk.relu_linear_attention_tokens if op == "tokens" else state_apply_tokens(3)[0]
+    else:
+        inputs = [make_qkv(1, 1, 8, 2, 10, torch.float64).requires_grad_(True)]
+        fn = (lambda t: dk.relu_linear_attention(t, 8)) if op == "fused" else state_apply_nchw(8, 1)[0]
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
 # ----------------------------------------------------------------------------------------- bad input
 QKV = torch.randn(2, 96, 4, 4)
 Q = torch.randn(2, 16, 2, 16)
@@ -338,6 +587,67 @@ class TestBadInput:
         with pytest.raises(ValueError, match="head_dim \\(last axis\\) must be <= 128"):
             dk.relu_linear_attention_tokens(q, q, q)
 
+    def test_tokens_head_dim_zero(self):
+        """relu_linear_attention refuses head_dim 0: so do the token-layout ops."""
+        q = torch.randn(1, 4, 2, 0)
+        for call in (lambda: dk.relu_linear_attention_tokens(q, q, q),
+                     lambda: dk.relu_linear_attention_tokens_state(q, q),
+                     lambda: dk.relu_linear_attention_tokens_apply(q, torch.zeros(1, 2, 1, 0))):
+            with pytest.raises(ValueError, match="head_dim \\(last axis\\) must be >= 1"):
+                call()
+
+    @pytest.mark.parametrize("op", ["state", "apply"])
+    def test_state_ops_check_qkv(self, op):
+        call = ((lambda t, d: dk.relu_linear_attention_state(t, d)) if op == "state" else
+                (lambda t, d: dk.relu_linear_attention_apply(t, torch.zeros(2, 1, 33, 32), d)))
+        with pytest.raises(ValueError, match="divisible by 3\\*head_dim = 96"):
+            call(torch.randn(2, 64, 4, 4), 32)
+        with pytest.raises(TypeError, match="qkv must be float16"):
+            call(QKV.int(), 16)
+        with pytest.raises(ValueError, match="head_dim must be <= 128"):
+            call(torch.randn(1, 3 * 256, 2, 2), 256)
+
+    def test_apply_state_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"state must have shape \(B, heads, head_dim\+1, head_dim\) = "
+                                             r"\(2, 2, 17, 16\), got \(2, 2, 16, 16\)"):
+            dk.relu_linear_attention_apply(QKV, torch.zeros(2, 2, 16, 16), 16)
+        with pytest.raises(ValueError, match=r"state must have shape .* = \(2, 2, 17, 16\), got \(1, 2, 17, 16\)"):
+            dk.relu_linear_attention_tokens_apply(Q, torch.zeros(1, 2, 17, 16))
+
+    def test_apply_state_wrong_dtype(self):
+        with pytest.raises(TypeError, match="state must be torch.float32 .*qkv's torch.float16.*got torch.float16"):
+            dk.relu_linear_attention_apply(QKV.half(), torch.zeros(2, 2, 17, 16, dtype=torch.float16), 16)
+        with pytest.raises(TypeError, match="state must be torch.float64"):
+            dk.relu_linear_attention_tokens_apply(Q.double(), torch.zeros(2, 2, 17, 16))
+
+    def test_apply_state_other_device(self):
+        with pytest.raises(ValueError, match="state is on meta but qkv is on"):
+            dk.relu_linear_attention_apply(QKV, torch.zeros(2, 2, 17, 16, device="meta"), 16)
+
+    def test_apply_state_not_a_tensor(self):
+        with pytest.raises(TypeError, match="state must be a torch.Tensor"):
+            dk.relu_linear_attention_tokens_apply(Q, None)
+
+    def test_apply_eps(self):
+        with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+            dk.relu_linear_attention_apply(QKV, torch.zeros(2, 2, 17, 16), 16, float("nan"))
+        with pytest.raises(TypeError, match="eps must be a float"):
+            dk.relu_linear_attention_tokens_apply(Q, torch.zeros(2, 2, 17, 16), "0")
+
+    def test_tokens_state_mismatch(self):
+        with pytest.raises(ValueError, match=r"v must have shape \(2, 16, 2, 16\)"):
+            dk.relu_linear_attention_tokens_state(Q, Q[:, :8])
+        with pytest.raises(TypeError, match="v must have k's dtype"):
+            dk.relu_linear_attention_tokens_state(Q, Q.half())
+
+    @pytest.mark.parametrize("eps", [-1e-5, float("inf"), float("nan")])
+    def test_eps_rule(self, eps):
+        """One rule for eps, every op: a finite float >= 0."""
+        for call in (lambda: dk.relu_linear_attention(QKV, 16, eps),
+                     lambda: dk.relu_linear_attention_tokens(Q, Q, Q, eps)):
+            with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
+                call()
+
 
 # ----------------------------------------------------------------------------------------- sm_90 code
 def sm90_spec(kernel, dtype, head_dim, tokens, block=None, num_warps=4, num_stages=3, scalar="fp32"):
@@ -386,6 +696,42 @@ def test_matches_reference_cuda_bf16(case):
 @given(case=token_cases([torch.bfloat16], [16, 32, 64, 128], max_n=3000))
 def test_tokens_match_reference_cuda_bf16(case):
     check_tokens(**case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_state_and_apply_cuda_bf16(head_dim):
+    """Both layouts: the state, and apply to a region with the whole's state, values and gradients."""
+    qkv = make_qkv(2, 3, head_dim, 31, 37, torch.bfloat16)
+    check_against_reference(lambda t: dk.relu_linear_attention_state(t, head_dim),
+                            lambda t: reference.relu_linear_attention_state(t, head_dim), [qkv])
+    check_against_reference(*state_apply_nchw(head_dim, 16), [qkv])
+    tokens = make_tokens(2, 1147, 3, head_dim, torch.bfloat16, "strided")
+    check_against_reference(*state_apply_tokens(600), tokens)
+
+
+@pytest.mark.gpu
+def test_state_and_apply_torch_compile_fullgraph_fwd_bwd():
+    def split(qkv, q, k, v):
+        state = dk.relu_linear_attention_state(qkv, 32)
+        tokens_state = dk.relu_linear_attention_tokens_state(k, v)
+        return (dk.relu_linear_attention_apply(qkv[..., :8, :], state, 32).float().sum()
+                + (dk.relu_linear_attention_tokens_apply(q, tokens_state).float() ** 2).sum())
+
+    qkv = make_qkv(2, 4, 32, 24, 24, torch.bfloat16).requires_grad_(True)
+    tokens = [t.requires_grad_(True) for t in make_tokens(2, 300, 4, 64, torch.bfloat16)]
+    y, y_eager = torch.compile(split, fullgraph=True)(qkv, *tokens), split(qkv, *tokens)
+    torch.testing.assert_close(y, y_eager)
+    for a, b in zip(torch.autograd.grad(y, (qkv, *tokens)), torch.autograd.grad(y_eager, (qkv, *tokens))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("n", [12, 300])  # the quadratic and linear forms of the fused op
+def test_nan_and_inf_propagate_like_reference_cuda_bf16(tokens, n):
+    check_nonfinite(tokens, n, torch.bfloat16, 32)
+    check_state_and_apply_nonfinite(tokens, n, torch.bfloat16, 32)
 
 
 @pytest.mark.gpu
@@ -470,3 +816,15 @@ def test_reference_state_of_regions_adds_up():
         torch.testing.assert_close(reference.relu_linear_attention_state(qkv, 16), state)
         torch.testing.assert_close(reference.relu_linear_attention_apply(bottom, state, 16),
                                    whole[..., height // 2:, :])
+
+
+def test_reference_sums_in_fp32_under_cpu_autocast(monkeypatch):
+    """CPU autocast would run the reference's matmuls in bf16: the state stays in the accumulation dtype, and apply
+    takes it (a tiled decode under autocast on CPU)."""
+    monkeypatch.setenv("DCAE_KERNELS_BACKEND", "reference")
+    qkv = torch.randn(1, 96, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = dk.relu_linear_attention_state(qkv, 32)
+        out = dk.relu_linear_attention_apply(qkv, state, 32)
+    assert state.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(state, dk.relu_linear_attention_state(qkv, 32))

@@ -11,6 +11,7 @@ from dcae_kernels.nn import RMSNorm2d
 
 from .allocations import record_allocations
 from .device import DEVICE, OPCHECK_UTILS
+from .nonfinite import SPECIALS, check_nonfinite_like_reference, plant
 
 # Relative to the largest reference magnitude: fp32 accumulation; fp16 / bf16 outputs rounded once.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -185,7 +186,7 @@ def test_opcheck(residual):
 def test_opcheck_backward_op():
     x, weight, bias, _ = make_inputs(2, 5, 3, 4, torch.float32, False)
     _, rstd = torch.ops.dcae.rms_norm_2d(x, weight, bias, 1e-5)
-    opcheck(torch.ops.dcae.rms_norm_2d_bwd.default, (torch.randn_like(x), x, weight, rstd),
+    opcheck(torch.ops.dcae.rms_norm_2d_bwd.default, (torch.randn_like(x), x, weight, rstd, 1e-5),
             test_utils=OPCHECK_UTILS)
 
 
@@ -215,6 +216,14 @@ def test_module_matches_functional():
         RMSNorm2d(0)
 
 
+def test_module_checks_the_shape_of_a_residual_of_another_dtype():
+    """The unfused path (residual dtype != x's) must not broadcast (1, C, H, W) + (B, C, H, W)."""
+    module = RMSNorm2d(4).to(DEVICE)
+    x, res = torch.randn(1, 4, 2, 2, device=DEVICE), torch.randn(3, 4, 2, 2, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(1, 4, 2, 2\), got \(3, 4, 2, 2\)"):
+        module(x, res)
+
+
 def test_reference_backend(monkeypatch):
     monkeypatch.setenv("DCAE_KERNELS_BACKEND", "reference")
     monkeypatch.setattr(norm, "wrap_triton", lambda kernel: pytest.fail("a kernel was launched"))
@@ -229,6 +238,55 @@ def test_compiles_without_graph_breaks_on_reference(monkeypatch):
     fn = lambda x, w, b: dk.rms_norm_2d(x, w, b, 1e-5, x)  # noqa: E731
     x, w, b = torch.randn(2, 8, 4, 4), torch.randn(8), torch.randn(8)
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(x, w, b), fn(x, w, b))
+
+
+# ----------------------------------------------------------------------------------------- NaN, fp64, 2nd order
+def check_nonfinite(where, channels, dtype, size=(3, 5), rtol=1e-4):
+    """NaN / +-Inf in an input, or an all-zero pixel with eps = 0 (rsqrt(0) = inf): the same NaN and Inf
+    positions as the reference in y and every gradient."""
+    x, weight, bias, res = make_inputs(2, channels, *size, dtype)
+    eps = 1e-5
+    if where in ("x", "residual"):
+        for i, value in enumerate(SPECIALS):
+            if where == "x":
+                x = plant(x, (i % 2, 3, i, 2 * i), value)
+            else:
+                res = plant(res, (i % 2, 3, i, 2 * i), value)
+    elif where == "weight":
+        weight = plant(weight, (2,), float("nan"))
+    else:
+        x, eps = plant(x, (1, slice(None), 2, 3), 0.0), 0.0
+    fn = lambda f: lambda x, w, b, r: f(x, w, b, eps, r)  # noqa: E731
+    check_nonfinite_like_reference(fn(dk.rms_norm_2d), fn(reference.rms_norm_2d), [x, weight, bias, res], rtol)
+
+
+WHERE = ["x", "residual", "weight", "zero pixel, eps = 0"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf - inf, 0 * inf
+@pytest.mark.parametrize("channels", [5, 40])  # one pass and two passes under the interpreter
+@pytest.mark.parametrize("where", WHERE)
+def test_nan_and_inf_propagate_like_reference(channels, where):
+    check_nonfinite(where, channels, torch.float32)
+
+
+def test_float64_is_exact_to_float64_rounding():
+    """fp64 under the interpreter with eps = 0.1 (not an fp32 number) on small x, where eps dominates rstd: the
+    kernels must use eps in fp64 (rounded to fp32 it gave errors of ~1e-9)."""
+    x, weight, bias, res = make_inputs(2, 5, 3, 4, torch.float64)
+    x = (x * 1e-2).requires_grad_(True)
+    y = dk.rms_norm_2d(x, weight, bias, 0.1, res)
+    y_ref = reference.rms_norm_2d(x, weight, bias, 0.1, res)
+    grad = torch.randn_like(y)
+    for ours, ref in ((y, y_ref), (torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(y_ref, x, grad)[0])):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item())
+
+
+def test_second_derivatives():
+    """Double backward (gradgradcheck, fp64): the backward op's own gradients come from the reference."""
+    inputs = [t.requires_grad_(True) for t in make_inputs(1, 5, 2, 3, torch.float64)]
+    fn = lambda x, w, b, r: dk.rms_norm_2d(x, w, b, 1e-5, r)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -276,9 +334,10 @@ class TestBadInput:
         with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
             dk.rms_norm_2d(X, W, None)
 
-    @pytest.mark.parametrize("eps", [0.0, -1e-5, float("inf"), float("nan")])
-    def test_eps_not_positive_finite(self, eps):
-        with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+    @pytest.mark.parametrize("eps", [-1e-5, float("inf"), float("nan")])
+    def test_eps_not_finite_nonnegative(self, eps):
+        """The one rule for every op's eps: a finite float >= 0 (0 is allowed: see test_nan_and_inf...)."""
+        with pytest.raises(ValueError, match="eps must be a finite float >= 0"):
             dk.rms_norm_2d(X, W, W, eps)
 
     def test_eps_not_a_number(self):
@@ -368,6 +427,13 @@ def test_matches_reference_cuda(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels", [256, 2048])  # one pass and two passes
+@pytest.mark.parametrize("where", WHERE)
+def test_nan_and_inf_propagate_like_reference_cuda_bf16(channels, where):
+    check_nonfinite(where, channels, torch.bfloat16, (16, 16), rtol=3e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 256, 64, 64), (4, 512, 32, 32), (2, 1024, 16, 16), (2, 2048, 8, 8),
                                    (2, 128, 256, 256), (3, 96, 17, 33)])
 def test_dcae_shapes_bf16(shape):
@@ -409,7 +475,7 @@ def test_opcheck_cuda_full(residual):
                             for t in make_inputs(2, 64, 9, 13, torch.bfloat16, residual))
     opcheck(torch.ops.dcae.rms_norm_2d.default, (x, weight, bias, 1e-5, res))
     _, rstd = torch.ops.dcae.rms_norm_2d(x, weight, bias, 1e-5, res)
-    opcheck(torch.ops.dcae.rms_norm_2d_bwd.default, (torch.randn_like(x), x.detach(), weight.detach(), rstd))
+    opcheck(torch.ops.dcae.rms_norm_2d_bwd.default, (torch.randn_like(x), x.detach(), weight.detach(), rstd, 1e-5))
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from dcae_kernels import reference, shortcut
 from dcae_kernels.nn import ChannelToSpaceDup, SpaceToChannelAvg
 
 from .device import DEVICE, OPCHECK_UTILS
+from .nonfinite import SPECIALS, check_nonfinite_like_reference, plant
 
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
        torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -129,6 +130,15 @@ def test_modules_match_functional(direction):
         module(torch.randn(2, in_channels + 1, *x.shape[2:]))
 
 
+@pytest.mark.parametrize("module, args, name", [(SpaceToChannelAvg, (4, 0, 2), "out_channels"),
+                                                (ChannelToSpaceDup, (0, 8, 2), "in_channels"),
+                                                (SpaceToChannelAvg, (4, 8, 0), "factor")])
+def test_module_rejects_zero_sizes(module, args, name):
+    """A clear ValueError, not a ZeroDivisionError from the divisibility check."""
+    with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+        module(*args)
+
+
 def test_module_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="must divide"):
         SpaceToChannelAvg(3, 5, 2)
@@ -142,6 +152,39 @@ def test_compiles_without_graph_breaks_on_reference(monkeypatch):
     fn = lambda x, r: dk.channel_to_space_dup(dk.space_to_channel_avg(x, 8, 2), 4, 2, r)  # noqa: E731
     x, r = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(x, r), fn(x, r))
+
+
+def check_nonfinite(direction, residual, dtype, size=(2, 3), rtol=1e-5):
+    """NaN / +-Inf in x (and the residual): the same NaN and Inf positions as the reference, forward and backward
+    (G = R = 3: a group mixing NaN with +Inf gives NaN, +Inf with -Inf too)."""
+    x, out_channels, factor, res = make_case(direction, 2, 3, 3, 2, *size, dtype, residual, "contiguous")
+    for i, value in enumerate(SPECIALS):
+        x = plant(x, (i % 2, i, i % 2, i), value)
+        x = plant(x, (1, 2, 1, i), value)
+        if residual:
+            res = plant(res, (0, i, 0, i), value)
+    op, ref = OPS[direction]
+    fn = lambda f: lambda *t: f(t[0], out_channels, factor, t[1] if residual else None)  # noqa: E731
+    check_nonfinite_like_reference(fn(op), fn(ref), [t for t in (x, res) if t is not None], rtol)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf - inf
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_nan_and_inf_propagate_like_reference(direction, residual):
+    check_nonfinite(direction, residual, torch.float32)
+
+
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_float64_is_exact_to_float64_rounding(direction):
+    """fp64 under the interpreter, G = R = 3: down's backward scales by 1/3, which rounded to fp32 was ~1e-8 off."""
+    x, out_channels, factor, _ = make_case(direction, 1, 3, 3, 2, 2, 3, torch.float64, False, "contiguous")
+    x.requires_grad_(True)
+    op, ref = OPS[direction]
+    y, y_ref = op(x, out_channels, factor), ref(x, out_channels, factor)
+    grad = torch.randn_like(y)
+    for ours, expected in ((y, y_ref), (torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(y_ref, x, grad)[0])):
+        torch.testing.assert_close(ours, expected, rtol=1e-14, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -231,6 +274,13 @@ def test_factor_too_large():
 @given(case=cases([torch.bfloat16, torch.float16, torch.float32]))
 def test_matches_reference_cuda(direction, case):
     check_against_reference(direction, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["down", "up"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_nan_and_inf_propagate_like_reference_cuda_bf16(direction, residual):
+    check_nonfinite(direction, residual, torch.bfloat16, (32, 48), rtol=1.6e-2)
 
 
 @pytest.mark.gpu

@@ -151,3 +151,66 @@ def test_autocast_decode_of_fp32_latents(tile):
             latents = model.encode(torch.rand(1, 3, 64, 64))
     assert y.dtype == latents.dtype == torch.bfloat16
     assert (y.float() - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize("direction", ["encode", "decode"])
+@pytest.mark.parametrize("tile", [None, 64])
+def test_empty_batch(direction, tile):
+    model = DCAE.from_config("tiny-f32c8").eval()
+    with torch.no_grad():
+        if direction == "encode":
+            assert model.encode(torch.zeros(0, 3, 64, 96), tile_size=tile).shape == (0, 8, 2, 3)
+        else:
+            assert model.decode(torch.zeros(0, 8, 2, 3), tile_size=tile).shape == (0, 3, 64, 96)
+
+
+@pytest.mark.parametrize("name", ["tiny-f32c8", "tiny-sana-f32c8", "dc-ae-f64c128-in-1.0"])
+def test_parts_cover_every_parameter_once_in_forward_order(name):
+    model = _meta_model(name)
+    parts = model.parts()
+    n = model.config.num_stages
+    assert list(parts) == (["encoder.in", *(f"encoder.stages.{i}" for i in range(n)), "encoder.out", "decoder.in",
+                            *(f"decoder.stages.{i}" for i in reversed(range(n))), "decoder.out"])
+    owners = [id(p) for part in parts.values() for p in part.parameters()]
+    assert len(owners) == len(set(owners)) and set(owners) == {id(p) for p in model.parameters()}
+    assert set(parts.values()) >= {model.encoder.conv_in, model.encoder.conv_out, model.decoder.conv_in}
+    assert [parts[f"encoder.stages.{i}"] for i in range(n)] == list(model.encoder.down_blocks)
+    assert [parts[f"decoder.stages.{i}"] for i in range(n)] == list(model.decoder.up_blocks)
+    assert set(parts["decoder.out"].children()) == {model.decoder.norm_out, model.decoder.conv_act,
+                                                    model.decoder.conv_out}
+    assert model.deepest_stage == n - 1
+
+
+def test_parts_by_name_and_the_phase_stages():
+    in_mix, sana = _meta_model("tiny-f32c8"), _meta_model("tiny-sana-f32c8")
+    assert (in_mix.deepest_stage, in_mix.last_decoder_stage) == (5, 1)  # decoder stage 0 is empty
+    assert (sana.deepest_stage, sana.last_decoder_stage) == (5, 0)
+    chosen = in_mix.parts(["decoder.out", "encoder.stages.5"])
+    assert list(chosen) == ["decoder.out", "encoder.stages.5"]
+    assert chosen["encoder.stages.5"] is in_mix.encoder.down_blocks[5]
+    with pytest.raises(ValueError, match=r"unknown DC-AE parts \['decoder.stages.6'\]"):
+        in_mix.parts(["decoder.stages.6"])
+    with pytest.raises(TypeError, match="iterable of part names"):
+        in_mix.parts("decoder.out")
+
+
+@pytest.mark.parametrize("layout", [
+    "tiny-f32c8",  # decoder stage 0 empty: the output is an UpBlock (3x3 conv then pixel_shuffle)
+    "tiny-sana-f32c8",  # stage 0 has blocks: the output is a plain 3x3 conv
+    "interpolate-upblock",  # stage 0 empty and nearest x2 upsampling: the UpBlock's conv runs after interpolating
+])
+def test_last_layer_weight_is_the_last_conv_the_decoder_runs(layout):
+    if layout == "interpolate-upblock":
+        cfg = dataclasses.replace(PRESETS["tiny-f32c8"], upsample_block_type="interpolate")
+    else:
+        cfg = PRESETS[layout]
+    model = DCAE.from_config(cfg).eval()
+    convs = []
+    handles = [m.register_forward_hook(lambda m, *_: convs.append(m)) for m in model.decoder.modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.decode(torch.zeros(1, 8, 1, 1))
+    for h in handles:
+        h.remove()
+    assert model.last_layer_weight is convs[-1].weight
+    assert isinstance(model.last_layer_weight, torch.nn.Parameter) and model.last_layer_weight.shape[0] in (3, 12)

@@ -46,7 +46,7 @@ def test_diffusers_config_and_keys_round_trip(name):
     assert config_from_diffusers(kwargs) == cfg
     with torch.device("meta"):
         theirs = AutoencoderDC(**kwargs)
-    assert {k: v.shape for k, v in theirs.state_dict().items()} == key_map(cfg, "diffusers").their_shapes
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == key_map(DCAE, cfg, "diffusers").their_shapes
 
 
 def test_hub_configs_give_the_presets():
@@ -98,12 +98,12 @@ def test_diffusers_state_dict_round_trip_is_exact():
     torch.manual_seed(0)
     cfg = PRESETS["tiny-sana-f32c8"]
     ours = DCAE(cfg).state_dict()
-    theirs = key_map(cfg, "diffusers").to_theirs(ours)
+    theirs = key_map(DCAE, cfg, "diffusers").to_theirs(ours)
     assert theirs["encoder.down_blocks.3.0.attn.to_q.weight"].shape == (64, 64)
     torch.testing.assert_close(torch.cat([theirs[f"decoder.up_blocks.4.1.attn.to_{x}.weight"] for x in "qkv"]),
                                ours["decoder.up_blocks.4.1.attn.qkv.weight"].flatten(1), rtol=0, atol=0)
     AutoencoderDC(**config_to_diffusers(cfg)).load_state_dict(theirs, strict=True)
-    back = key_map(cfg, "diffusers").to_ours(theirs)
+    back = key_map(DCAE, cfg, "diffusers").to_ours(theirs)
     assert back.keys() == ours.keys()
     for k in ours:
         torch.testing.assert_close(back[k], ours[k], rtol=0, atol=0)
@@ -114,11 +114,11 @@ def test_authors_keys_cover_every_key_and_match_diffusers_converter(name):
     """Ours -> authors' names (ours) -> diffusers' own converter of the authors' checkpoints -> exactly
     diffusers' keys and shapes; and back to ours."""
     cfg = PRESETS[name]
-    authors = key_map(cfg, "authors")
+    authors = key_map(DCAE, cfg, "authors")
     assert len(authors.their_shapes) == len(authors.shapes)  # one-to-one: no two keys share a name
     sd = meta_state_dict(authors.their_shapes)
     converted = convert_autoencoder_dc_checkpoint_to_diffusers(dict(sd))
-    assert {k: v.shape for k, v in converted.items()} == key_map(cfg, "diffusers").their_shapes
+    assert {k: v.shape for k, v in converted.items()} == key_map(DCAE, cfg, "diffusers").their_shapes
     back = authors.to_ours(sd)
     assert {k: v.shape for k, v in back.items()} == authors.shapes
     assert authors.to_theirs(back).keys() == sd.keys()
@@ -126,7 +126,7 @@ def test_authors_keys_cover_every_key_and_match_diffusers_converter(name):
 
 def test_authors_key_names():
     """Spot checks of efficientvit's module tree: ResidualBlock.main, ConvLayer.conv/.norm, OpSequential.op_list."""
-    f32 = key_map("dc-ae-f32c32-in-1.0", "authors").their_shapes
+    f32 = key_map(DCAE, "dc-ae-f32c32-in-1.0", "authors").their_shapes
     for key in ("encoder.project_in.conv.conv.weight",  # ConvPixelUnshuffleDownSampleLayer.conv (a ConvLayer)
                 "encoder.stages.1.op_list.0.main.conv1.conv.bias",
                 "encoder.stages.1.op_list.0.main.conv2.norm.weight",
@@ -143,7 +143,7 @@ def test_authors_key_names():
                 "decoder.project_out.op_list.2.conv.conv.weight"):
         assert key in f32, key
     assert f32["encoder.stages.3.op_list.1.context_module.main.qkv.conv.weight"] == (1536, 512, 1, 1)
-    sana = key_map("dc-ae-f32c32-sana-1.0", "authors").their_shapes
+    sana = key_map(DCAE, "dc-ae-f32c32-sana-1.0", "authors").their_shapes
     for key in ("encoder.project_in.conv.bias",  # diffusers' detection key for the sana checkpoint
                 "encoder.stages.0.op_list.2.main.conv.weight",  # stride-2 "Conv" downsample: a ConvLayer
                 "encoder.stages.3.op_list.0.context_module.main.aggreg.0.0.weight",
@@ -165,7 +165,7 @@ def test_configs_the_authors_cannot_express_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         check_authors_expressible(cfg)
     with pytest.raises(ValueError, match=match):
-        key_map(cfg, "authors")
+        key_map(DCAE, cfg, "authors")
 
 
 def test_preset_names():
@@ -184,18 +184,19 @@ def test_check_state_dict_lists_every_problem():
     msg = str(info.value)
     assert "5 missing, 1 unexpected, 1 mis-shaped" in msg
     assert "w0\n    w1\n    w2\n    ... and 2 more" in msg and "extra" in msg and "w7: (3,), expected (2,)" in msg
-    check_state_dict({}, {"bn.num_batches_tracked": torch.Size([])}, "ckpt", optional=is_optional)  # optional keys may be absent
+    # optional keys may be absent
+    check_state_dict({}, {"bn.num_batches_tracked": torch.Size([])}, "ckpt", optional=is_optional)
 
 
 def test_layout_and_preset_inference():
     for name in ("tiny-f32c8", "tiny-sana-f32c8", "tiny-f128c16"):
         for layout in ("dcae", "diffusers", "authors"):
-            sd = meta_state_dict(key_map(name, layout).their_shapes)
+            sd = meta_state_dict(key_map(DCAE, name, layout).their_shapes)
             assert guess_layout(sd) == layout
-            assert infer_preset(sd, layout) == name
-    sd = meta_state_dict(key_map("dc-ae-f32c32-in-1.0", "authors").their_shapes)
+            assert infer_preset(DCAE, sd, layout) == name
+    sd = meta_state_dict(key_map(DCAE, "dc-ae-f32c32-in-1.0", "authors").their_shapes)
     with pytest.raises(ValueError, match=r"dc-ae-f32c32-in-1.0', 'dc-ae-f32c32-mix-1.0'.*scaling_factor"):
-        infer_preset(sd, "authors")
+        infer_preset(DCAE, sd, "authors")
     sd.pop("decoder.project_out.op_list.0.bias")
     with pytest.raises(ValueError, match="fit no preset"):
-        infer_preset(sd, "authors")
+        infer_preset(DCAE, sd, "authors")

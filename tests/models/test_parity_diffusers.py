@@ -14,23 +14,10 @@ from dcae.models.convert import config_to_diffusers, key_map
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderDC  # noqa: E402
 
+from ..random_weights import randomize_  # noqa: E402
+
 RTOL = 1e-4
 SIZES = ((2, 64, 64), (1, 256, 192))  # (batch, height, width) for the ratio-32 presets below
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random norm weights/biases, conv biases and BatchNorm statistics (weights keep their random init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            noise = torch.randn(t.shape, generator=g)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g))
-            elif name.endswith("running_mean") or (t.dim() == 1 and name.endswith(".bias")):
-                t.copy_(0.2 * noise)
-            elif t.dim() == 1 and name.endswith(".weight"):
-                t.copy_(1 + 0.2 * noise)
-    return model.eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +71,7 @@ def full_size():
     theirs = randomize_(AutoencoderDC(**config_to_diffusers(cfg)))
     with torch.device("meta"):
         ours = DCAE(cfg)
-    ours.load_state_dict(key_map(cfg, "diffusers").to_ours(theirs.state_dict()), assign=True)
+    ours.load_state_dict(key_map(DCAE, cfg, "diffusers").to_ours(theirs.state_dict()), assign=True)
     return ours.eval(), theirs
 
 

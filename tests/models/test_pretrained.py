@@ -1,7 +1,13 @@
 """Loading and saving: our folders, diffusers folders, the authors' checkpoints (files, wrapped training
 checkpoints, hub folders), dtype, atomic writes and every refusal."""
+import ast
+import contextlib
+import functools
 import json
+import math
 import pathlib
+import random
+import signal
 
 import pytest
 import safetensors.torch
@@ -52,7 +58,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def authors_sd(tiny):
     """tiny's weights under the authors' efficientvit names."""
-    return key_map(tiny.config, "authors").to_theirs(tiny.state_dict())
+    return key_map(DCAE, tiny.config, "authors").to_theirs(tiny.state_dict())
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
@@ -218,3 +224,186 @@ def test_our_folder_refuses_preset_and_newer_versions(tmp_path, tiny):
     with pytest.raises(ValueError, match="newer version"):
         DCAE.from_pretrained(tmp_path)
 
+
+
+def test_save_pretrained_takes_the_format(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path, format="diffusers")  # as the README documents it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "AutoencoderDC"
+    assert_same_weights(DCAE.from_pretrained(tmp_path), tiny)
+
+
+def _function_level_imports(path: pathlib.Path, functions=None) -> list[str]:
+    """``module.function: import`` for each import statement inside a function of the module at ``path``
+    (only the named functions, when given)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (functions is None or node.name in functions):
+            found += [f"{path.stem}.{node.name}: {ast.unparse(inner)}" for inner in ast.walk(node)
+                      if isinstance(inner, (ast.Import, ast.ImportFrom))]
+    return found
+
+
+def test_loading_imports_at_top_level_without_a_circle():
+    """autoencoder -> pretrained -> convert -> (config, weights): no module imports the model back, and none
+    imports inside a function to dodge a circle."""
+    models = pathlib.Path(pretrained.__file__).parent
+    for name in ("pretrained", "convert"):
+        imported = {ast.unparse(node) for node in ast.walk(ast.parse((models / f"{name}.py").read_text()))
+                    if isinstance(node, (ast.Import, ast.ImportFrom))}
+        assert not [line for line in imported if "autoencoder" in line], name
+    found = [line for name in ("pretrained", "convert", "config")
+             for line in _function_level_imports(models / f"{name}.py")]
+    found += _function_level_imports(models.parent / "weights.py")
+    found += _function_level_imports(models / "autoencoder.py", {"from_pretrained", "save_pretrained"})
+    assert found == []
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raises TimeoutError in this (main) thread after ``seconds``: a test of a hang fails instead of hanging."""
+    def fire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (lambda d: d.__setitem__("state_dict", d) or d)({}),
+    lambda: functools.reduce(lambda inner, _: {"model": inner}, range(50), {"epoch": 1}),
+], ids=["self-referential", "50 levels"])
+def test_nested_checkpoints_are_refused_quickly(tmp_path, make):
+    path = tmp_path / "loop.pt"
+    torch.save(make(), path)
+    with time_limit(10), pytest.raises(ValueError, match=f"loop.pt: no state dict of tensors within "
+                                                         f"{pretrained.MAX_WRAPPER_DEPTH} levels of wrappers"):
+        DCAE.from_pretrained(path, preset="tiny-f32c8")
+
+
+def _ours(folder, tiny):
+    tiny.save_pretrained(folder)
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda meta: {k: v for k, v in meta.items() if k != "_format_version"}, "_format_version must be"),
+    (lambda meta: {**meta, "_format_version": "1"}, "_format_version must be"),
+    (lambda meta: {**meta, "latent_channels": 0}, "config.json: latent_channels: "),
+    (lambda meta: {**meta, "encoder_widths": [16, 32, 64, 64, 64, 10**12]}, "config.json: encoder_widths: "),
+    (lambda meta: {**meta, "encoder_widths": {"a": 1}}, "config.json: encoder_widths: "),
+    (lambda meta: {**meta, "encoder_qkv_multiscales": [1, 2, 3, 4, 5, 6]}, "config.json: encoder_qkv_multiscales"),
+    (lambda meta: {**meta, "scaling_factor": "x"}, "config.json: scaling_factor: "),
+    (lambda meta: {**meta, "scaling_factor": math.nan}, "config.json: scaling_factor: "),
+    (lambda meta: {k: v for k, v in meta.items() if k != "latent_channels"}, "missing DCAEConfig fields"),
+    (lambda meta: [meta], "must hold a JSON object"),
+    (lambda meta: "{not json", "not valid JSON"),
+    (lambda meta: b"\xff\xfe\x00", "not valid JSON"),
+], ids=["no version", "version str", "latent 0", "width 1e12", "widths object", "multiscales ints",
+        "scale x", "scale nan", "missing field", "list", "bad json", "not utf-8"])
+def test_junk_in_our_config_is_a_value_error(tmp_path, tiny, change, match):
+    meta = change(_ours(tmp_path, tiny))
+    config = tmp_path / "config.json"
+    if isinstance(meta, bytes):
+        config.write_bytes(meta)
+    else:
+        config.write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        DCAE.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"latent_channels": 0}, "diffusers config latent_channels"),
+    ({"encoder_block_out_channels": 5}, "diffusers config encoder_block_out_channels"),
+    ({"encoder_qkv_multiscales": [1, 2, 3, 4, 5, 6]}, "diffusers config encoder_qkv_multiscales"),
+    ({"scaling_factor": "x"}, "diffusers config scaling_factor"),
+])
+def test_junk_in_a_diffusers_config_is_a_value_error(tmp_path, tiny, change, match):
+    pretrained.save(tiny, tmp_path, format="diffusers")
+    meta = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(ValueError, match=f"config.json: {match}"):
+        DCAE.from_pretrained(tmp_path)
+
+
+def test_junk_weight_files_are_value_errors_naming_the_file(tmp_path, tiny, authors_sd):
+    safetensors.torch.save_file(authors_sd, tmp_path / "whole.safetensors")
+    torch.save(authors_sd, tmp_path / "whole.pt")
+    for suffix in (".safetensors", ".pt"):
+        content = (tmp_path / f"whole{suffix}").read_bytes()
+        for kind, junk in (("truncated", content[: len(content) // 2]), ("empty", b""),
+                           ("garbage", bytes(range(256)) * 4)):
+            path = tmp_path / f"{kind}{suffix}"
+            path.write_bytes(junk)
+            with pytest.raises(ValueError, match=f"{kind}{suffix} is not a readable"):
+                DCAE.from_pretrained(path, preset="tiny-f32c8")
+    ours = tmp_path / "ours"
+    _ours(ours, tiny)
+    (ours / "model.safetensors").write_bytes((ours / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        DCAE.from_pretrained(ours)
+    torch.save({k: v.int() for k, v in authors_sd.items()}, tmp_path / "ints.pt")
+    with pytest.raises(ValueError, match="not dense CPU tensors of the expected kind"):
+        DCAE.from_pretrained(tmp_path / "ints.pt", preset="tiny-f32c8")
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"model_name": 5}))
+    with pytest.raises(ValueError, match="model_name must be a preset name"):
+        DCAE.from_pretrained(tmp_path / "hub")
+
+
+def _sharded(folder: pathlib.Path, tiny, shard_name: str) -> pathlib.Path:
+    """A diffusers folder of ``tiny`` whose index names one shard, ``shard_name``; returns the weights file."""
+    pretrained.save(tiny, folder, format="diffusers")
+    weights = folder / pretrained.DIFFUSERS_WEIGHTS[0]
+    keys = safetensors.torch.load_file(weights).keys()
+    (folder / pretrained.DIFFUSERS_INDEX).write_text(json.dumps({"weight_map": {k: shard_name for k in keys}}))
+    return weights
+
+
+def test_sharded_index_reads_only_inside_its_folder(tmp_path, tiny):
+    folder = tmp_path / "model"
+    weights = _sharded(folder, tiny, "shard-1.safetensors")
+    weights.rename(folder / "shard-1.safetensors")
+    assert_same_weights(DCAE.from_pretrained(folder), tiny)
+    outside = tmp_path / "outside.safetensors"
+    (folder / "shard-1.safetensors").rename(outside)  # a valid shard, but outside the folder
+    for name in ("../outside.safetensors", str(outside), "sub/../../outside.safetensors", "..", ""):
+        index = json.loads((folder / pretrained.DIFFUSERS_INDEX).read_text())
+        index["weight_map"] = {k: name for k in index["weight_map"]}
+        (folder / pretrained.DIFFUSERS_INDEX).write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="is not a file name inside"):
+            DCAE.from_pretrained(folder)
+    index["weight_map"] = {k: "missing.safetensors" for k in index["weight_map"]}
+    (folder / pretrained.DIFFUSERS_INDEX).write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        DCAE.from_pretrained(folder)
+    (folder / pretrained.DIFFUSERS_INDEX).write_text(json.dumps({"weight_map": {"a": 5}}))
+    with pytest.raises(ValueError, match="no weight_map"):
+        DCAE.from_pretrained(folder)
+
+
+def test_corrupted_files_raise_only_value_errors(tmp_path, tiny, authors_sd):
+    """Random truncations and byte flips of each kind of file: a ValueError (or a load, when only tensor data
+    changed), never another exception."""
+    rng = random.Random(0)
+    torch.save({"state_dict": authors_sd}, tmp_path / "ckpt.pt")
+    safetensors.torch.save_file(authors_sd, tmp_path / "ckpt.safetensors")
+    tiny.save_pretrained(tmp_path / "ours")
+    tiny.save_pretrained(tmp_path / "diffusers", format="diffusers")
+    for file, target in (("ckpt.pt", "ckpt.pt"), ("ckpt.safetensors", "ckpt.safetensors"),
+                         ("ours/config.json", "ours"), ("diffusers/config.json", "diffusers")):
+        original = (tmp_path / file).read_bytes()
+        for _ in range(8):
+            junk = bytearray(original[: rng.randrange(len(original))] if rng.random() < 0.3 else original)
+            for _ in range(rng.randrange(1, 6)):
+                junk[rng.randrange(min(len(junk), 4000))] = rng.randrange(256)
+            (tmp_path / file).write_bytes(junk)
+            try:
+                DCAE.from_pretrained(tmp_path / target, preset="tiny-f32c8" if "ckpt" in target else None)
+            except ValueError:
+                pass

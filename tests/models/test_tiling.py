@@ -1,4 +1,4 @@
-"""Tiled encode/decode (dcae/tiling.py) against the untiled model: PSNR, seams, exactness, memory bound."""
+"""Tiled encode/decode (dcae/models/tiling.py) against the untiled model: PSNR, seams, exactness, memory bound."""
 import numpy as np
 import pytest
 import skimage.data
@@ -7,21 +7,14 @@ import torch
 from torch import nn
 
 from dcae import DCAE
-from dcae.models.blocks import RMSNorm2d
+from dcae.models.blocks import EfficientViTBlock, RMSNorm2d
+
+from ..threads import one_thread  # noqa: F401 (autouse: hundreds of small per-tile ops on one thread)
 
 # (preset, image height, width, tile_size): several tiles, sizes that are not multiples of the tile, and
 # f128 tiles of a single latent pixel.
 CASES = [("tiny-f32c8", 256, 256, 64), ("tiny-f32c8", 224, 160, 64), ("tiny-f128c16", 512, 384, 128)]
 MIN_PSNR, MAX_SEAM_RATIO = 40.0, 1.2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of small per-tile ops: one thread is faster than two and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_model(name: str, seed: int = 0) -> DCAE:
@@ -218,10 +211,47 @@ def test_whole_image_tile_is_the_untiled_path(models):
     assert torch.equal(model.decode(z, tile_size=160), model.decode(z))
 
 
+@pytest.mark.parametrize("name", ["tiny-f32c8", "tiny-sana-f32c8"])
+@pytest.mark.parametrize("height, width", [(4, 4), (8, 6)])
+@torch.no_grad()
+def test_attention_block_with_its_own_state_is_the_block(models, name, height, width):
+    """``block(x) == block(x, block.attention_state(x))``: N = 16 (the fused op's quadratic form) and N = 48;
+    and the state is additive: the two halves' states sum to the whole's."""
+    block = next(m for m in models[name].decoder.modules() if isinstance(m, EfficientViTBlock))
+    x = torch.randn(2, block.attn.qkv.in_channels, height, width, generator=torch.Generator().manual_seed(0))
+    state = block.attention_state(x)
+    assert state.shape == (2, x.shape[1] // 32 * (1 + len(block.attn.to_qkv_multiscale)), 33, 32)
+    torch.testing.assert_close(block(x, state), block(x), rtol=1e-5, atol=1e-5)
+    attn = block.attn
+    qkv = attn.project_qkv(x)
+    halves = attn.qkv_state(qkv[..., :height // 2, :]) + attn.qkv_state(qkv[..., height // 2:, :])
+    torch.testing.assert_close(halves, state)
+
+
 @pytest.mark.parametrize("tile_size", [0, -32, 48, 64.0, True])
 def test_rejects_tile_sizes_off_the_latent_grid(models, tile_size):
     with pytest.raises(ValueError, match="multiple of the compression ratio 32"):
         models["tiny-f32c8"].decode(torch.randn(1, 8, 4, 4), tile_size=tile_size)
+
+
+@pytest.mark.parametrize("direction", ["encode", "decode"])
+@pytest.mark.parametrize("tile_size", [0, 33, -32, "64"])
+@pytest.mark.parametrize("batch, latent_side", [(1, 1), (1, 4), (0, 4)])
+def test_rejects_bad_tile_sizes_before_any_work(models, direction, tile_size, batch, latent_side):
+    """Whatever the image size (smaller than any tile, several tiles, an empty batch), no layer runs."""
+    model = models["tiny-f32c8"]
+    side = latent_side * model.spatial_compression_ratio
+    run, data = ((model.encode, torch.zeros(batch, 3, side, side)) if direction == "encode"
+                 else (model.decode, torch.zeros(batch, 8, latent_side, latent_side)))
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()]
+    try:
+        with pytest.raises(ValueError, match="tile_size must be a positive multiple of the compression ratio 32"):
+            run(data, tile_size=tile_size)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not calls
 
 
 def test_rejects_overlap_and_training_batchnorm(models):
@@ -229,6 +259,8 @@ def test_rejects_overlap_and_training_batchnorm(models):
     z = torch.randn(1, 8, 4, 4)
     with pytest.raises(ValueError, match="tile_overlap must be None"):
         model.decode(z, tile_size=64, tile_overlap=32)
+    with pytest.raises(ValueError, match="tile_size must be a positive multiple"):
+        model.encode(torch.zeros(1, 3, 64, 64), tile_overlap=32)
     model.train()
     try:
         with pytest.raises(ValueError, match="BatchNorm in eval mode"):

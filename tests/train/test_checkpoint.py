@@ -207,3 +207,16 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
 def test_find_latest_on_missing_directory(tmp_path):
     assert find_latest(tmp_path / "nope") is None
     assert list_checkpoints(tmp_path) == []
+
+
+@pytest.mark.parametrize("pointer", ["../elsewhere/ckpt-00000001", "/tmp/ckpt-00000001", "ckpt-00000001/../..",
+                                     "sub/ckpt-00000001"])
+def test_latest_pointer_leaving_the_folder_is_refused(tmp_path, pointer):
+    """`latest` may only name a ckpt-* folder of its own directory; a path anywhere else is refused, not read."""
+    outside = tmp_path / "elsewhere"
+    save_checkpoint(outside, 1, {"model": {"w": torch.ones(3)}}, {})
+    folder = tmp_path / "run"
+    save_checkpoint(folder, 1, {"model": {"w": torch.zeros(3)}}, {})
+    (folder / "latest").write_text(pointer + "\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this folder"):
+        find_latest(folder)

@@ -24,7 +24,7 @@ def train(*command, steps, out, resume=False):
 
 
 def test_two_processes_match_one_and_resume(tmp_path):
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dcae.train"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dcae", "train-ae"]
     train("-m", "dcae", "train-ae", steps=5, out=tmp_path / "one")
     train(*torchrun, steps=3, out=tmp_path / "two")
     assert len(list((tmp_path / "two" / "checkpoints").glob("ckpt-*"))) == 1  # rank 0 alone writes

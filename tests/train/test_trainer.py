@@ -12,19 +12,31 @@ from safetensors.torch import load_file
 
 from dcae import DCAE
 from dcae.cli import main
-from dcae.train.autoencoder import INTERRUPTED, Trainer
+from dcae.train.autoencoder import AutoencoderOptions, AutoencoderTask
 from dcae.train.checkpoint import find_latest
-from dcae.train.options import TrainOptions
+from dcae.train.trainer import INTERRUPTED, Trainer
+
+from .runs import assert_same_checkpoints, ctrl_c_after, metrics_rows
 
 PRESET = "tiny-f32c8"
 FAST = dict(batch_size=2, resolution=64, samples_per_epoch=16, log_every=1, image_every=100, save_every=100,
             progress=False)
 
 
+def trainer_for(out, **kw) -> Trainer:
+    return Trainer(AutoencoderTask(AutoencoderOptions(out=out, **{**FAST, **kw})))
+
+
 def run(out, **kw) -> Trainer:
-    trainer = Trainer(TrainOptions(out=out, **{**FAST, **kw}))
+    trainer = trainer_for(out, **kw)
     assert trainer.run() == 0
     return trainer
+
+
+def tensors_in(model, parts) -> set[str]:
+    """State-dict names of the parameters and buffers inside the named parts of the model."""
+    ids = {id(t) for m in model.parts(parts).values() for t in [*m.parameters(), *m.buffers()]}
+    return {name for name, t in [*model.named_parameters(), *model.named_buffers()] if id(t) in ids}
 
 
 def final_weights(out):
@@ -57,13 +69,13 @@ def test_phase1_records_and_exports(phase1):
 def test_frozen_parameters_stay_bit_identical(phase1, tmp_path, phase, checkpointing):
     trainer = run(tmp_path, phase=phase, init=phase1, steps=2, grad_checkpointing=checkpointing)
     before, after = load_file(phase1 / "model" / "model.safetensors"), final_weights(tmp_path)
-    prefixes = tuple(f"{module}." for module in trainer.trainable)
+    in_parts = tensors_in(trainer.model, list(trainer.trainable))
     trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
-    assert trained == {name for name, _ in trainer.model.named_parameters() if name.startswith(prefixes)}
+    assert trained == {name for name, _ in trainer.model.named_parameters() if name in in_parts}
     for name, value in before.items():
         if name in trained:
             assert not torch.equal(value, after[name]), f"{name} should have trained"
-        elif not name.startswith(prefixes):
+        elif name not in in_parts:
             assert torch.equal(value, after[name]), f"frozen {name} changed"
     n_trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     assert n_trained == json.loads((tmp_path / "run.json").read_text())["trainable_parameters"]
@@ -77,25 +89,15 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, phase1, phase):
     opts = dict(phase=phase, steps=6, ema_decay=0.9, schedule="cosine", warmup_steps=2, **start)
     straight = final_weights(run(tmp_path / "straight", **opts).out)
 
-    step = Trainer.train_step
-
-    def stop_after_three(self, batches):
-        parts = step(self, batches)
-        self.interrupted = self.interrupted or self.step == 3
-        return parts
-
-    monkeypatch.setattr(Trainer, "train_step", stop_after_three)
-    assert Trainer(TrainOptions(out=tmp_path / "split", **FAST, **opts)).run() == INTERRUPTED
+    with ctrl_c_after(monkeypatch, 3):
+        assert trainer_for(tmp_path / "split", **opts).run() == INTERRUPTED
     assert find_latest(tmp_path / "split" / "checkpoints").name == "ckpt-00000003"
-    monkeypatch.setattr(Trainer, "train_step", step)
     resumed = final_weights(run(tmp_path / "split", resume=True, **opts).out)
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    for group in ["ema"] + (["discriminator"] if phase == 3 else []):
-        a = load_file(find_latest(tmp_path / "straight" / "checkpoints") / f"{group}.safetensors")
-        b = load_file(find_latest(tmp_path / "split" / "checkpoints") / f"{group}.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), group
+    groups = ["ema"] + (["discriminator"] if phase == 3 else [])
+    assert_same_checkpoints(tmp_path / "straight", tmp_path / "split", groups)
 
 
 def test_corrupted_checkpoint_is_refused(phase1, tmp_path, capsys):
@@ -152,3 +154,58 @@ def test_phases_on_cuda_with_triton_ops(tmp_path, monkeypatch):
     evals = json.loads((tmp_path / "p3" / "eval.json").read_text())
     assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in evals.values())
     assert third.step == 2
+
+
+def records(out):
+    """metrics.jsonl without the timing column, and eval.json."""
+    return metrics_rows(out), json.loads((out / "eval.json").read_text())
+
+
+def test_resumed_records_equal_a_straight_runs(tmp_path, monkeypatch):
+    """A crash after step 3 (last checkpoint at step 2): the resumed run cuts metrics.jsonl back to step 2, and
+    eval.json keeps its "before" entry written at the start."""
+    opts = dict(phase=1, preset=PRESET, steps=5, save_every=2)
+    run(tmp_path / "straight", **opts)
+    step = Trainer.train_step
+
+    def crash_in_step_four(self, batches):
+        if self.step == 3:
+            raise RuntimeError("simulated crash")
+        return step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_in_step_four)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer_for(tmp_path / "split", **opts).run()
+    assert [row["step"] for row in records(tmp_path / "split")[0]] == [1, 2, 3]
+    assert set(records(tmp_path / "split")[1]) == {"before"}
+    monkeypatch.setattr(Trainer, "train_step", step)
+    run(tmp_path / "split", resume=True, **opts)
+    assert records(tmp_path / "split") == records(tmp_path / "straight")
+
+
+def test_one_writer_per_run_folder(tmp_path, capsys):
+    first = trainer_for(tmp_path / "run", phase=1, preset=PRESET, steps=1)
+    with pytest.raises(ValueError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+        trainer_for(tmp_path / "run", phase=1, preset=PRESET, steps=1, resume=True)
+    args = ["train-ae", "--phase", "1", "--preset", PRESET, "--out", str(tmp_path / "run"), "--steps", "1",
+            "--batch-size", "2", "--resolution", "64", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and len(err.strip().splitlines()) == 1
+    assert first.run() == 0  # the lock is released when run() returns
+    assert main([*args, "--resume", "--steps", "2"]) == 0
+
+
+def test_lock_of_a_killed_run_is_taken_over(tmp_path):
+    """kill -9 leaves the lock file; the kernel released its lock, so the next run takes it."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dcae.train.runfolder import RunFolder; "
+                               f"RunFolder({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ValueError, match=f"pid {holder.pid}"):
+        trainer_for(out, phase=1, preset=PRESET, steps=1)
+    holder.kill()
+    holder.wait()
+    assert (out / ".lock").read_text().strip() == str(holder.pid)
+    assert run(out, phase=1, preset=PRESET, steps=1).step == 1
