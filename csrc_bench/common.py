@@ -8,6 +8,7 @@ import math
 import re
 import signal
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,6 +189,13 @@ def end_to_end_arguments(kind: str, description: str, budget_s: float) -> argpar
     return parser
 
 
+def results_folder(kind: str, args) -> Path:
+    """Where an end-to-end benchmark writes: --out, else csrc_bench/results (a temporary folder for --smoke)."""
+    if args.out:
+        return args.out
+    return Path(tempfile.gettempdir()) / f"csrc_bench-{kind}-smoke" if args.smoke else Path(__file__).parent / "results"
+
+
 def end_to_end_meta(kind: str, args, plan) -> dict | None:
     """The run's metadata (card, versions, plan, options), or None after saying why nothing can be measured."""
     if not args.smoke and not torch.cuda.is_available():
@@ -216,11 +224,17 @@ def end_to_end_process(smoke: bool):
         torch.set_num_threads(threads)
 
 
-def targets_section(checks: list[tuple[bool | None, str]]) -> list[str]:
-    """The markdown lines of a "Targets" section: each check (met: True / False / None when it cannot be judged
-    here, what was compared) as MET, NOT MET or n/a."""
+def closing_cells(row: dict) -> str:
+    """The last two cells of a results-table row: the compile time and the error (pipes escaped)."""
+    compile_s = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}"
+    return f"{compile_s} | {(row['error'] or '').replace('|', '/')} |"
+
+
+def with_targets(lines: list[str], checks: list[tuple[bool | None, str]]) -> str:
+    """The markdown document: ``lines``, then a "Targets" section with each check (met: True / False / None when it
+    cannot be judged here, what was compared) as MET, NOT MET or n/a."""
     marks = {True: "MET", False: "NOT MET", None: "n/a"}
-    return ["", "## Targets", "", *(f"- {marks[met]}: {what}" for met, what in checks)]
+    return "\n".join([*lines, "", "## Targets", "", *(f"- {marks[met]}: {what}" for met, what in checks)]) + "\n"
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ run first, the compiled ones last. Rows are printed and written as they finish:
 import copy
 import gc
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import (COLORS, BenchRun, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process, figure,
-                     find_row, median_ms, row_line, sync, targets_section)
-from .report import HERE, _fmt
-from .train import autocast, oom, peak_gb, reset_peak
+from .common import (COLORS, BenchRun, closing_cells, compiled, end_to_end_arguments, end_to_end_meta,
+                     end_to_end_process, figure, find_row, median_ms, results_folder, row_line, sync, with_targets)
+from .report import _fmt
+from .train import autocast, failed, peak_gb, reset_peak
 
 # The issue's targets: our DiT-XL, DC-AE-f32p1 over SD-VAE-f8p2 (the paper: 4.5x training, 4.8x inference); ours
 # over diffusers' DiT-XL at the same config and weights (on the DC-AE latents).
@@ -268,9 +267,8 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
         lines.append(f"| {r['model']} | {r['latents']} | {r['tokens']} | {r['mode']} | {r['batch']} | "
                      f"{r['provider']} | {_fmt(r['images_per_s'], 2)} | {_fmt(r['ms'], 2)} | {_fmt(r['peak_gb'], 2)} | "
                      f"{'' if r['rel_err'] is None else format(r['rel_err'], '.1e')} | "
-                     f"{_fmt(speedup, 2)} | {_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
-    lines += targets_section(targets(rows, plan))
-    return "\n".join(lines) + "\n"
+                     f"{_fmt(speedup, 2)} | " + closing_cells(r))
+    return with_targets(lines, targets(rows, plan))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -314,7 +312,7 @@ def main(argv: list[str]) -> int:
     meta = end_to_end_meta("diffusion", args, plan)
     if meta is None:
         return 1
-    out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-diffusion-smoke" if args.smoke else HERE / "results")
+    out = results_folder("diffusion", args)
     run = None
     with end_to_end_process(args.smoke):
         try:
@@ -326,4 +324,4 @@ def main(argv: list[str]) -> int:
         finally:
             if run is not None:
                 run.finish()
-    return 1 if any(r["error"] and not oom(r) and not r["error"].startswith("skipped:") for r in run.rows) else 0
+    return 1 if any(failed(r) for r in run.rows) else 0

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .common import (COLORS, BenchRun, build_pair, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process,
-                     figure, find_row, footprint, median_ms, row_line, sync, targets_section)
-from .report import HERE, _fmt
+from .common import (COLORS, BenchRun, build_pair, closing_cells, compiled, end_to_end_arguments, end_to_end_meta,
+                     end_to_end_process, figure, find_row, footprint, median_ms, results_folder, row_line, sync,
+                     with_targets)
+from .report import _fmt
 
 PEAK_GB_TARGET = 2.5  # the tiled 4096px decode's peak memory target
 PSNR_TARGET = 40.0  # dB, tiled against untiled
@@ -253,10 +254,8 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
         lines.append(f"| {r['mode']} | {r['shape']} | {r['batch']} | {r['provider']} | {r['tile'] or ''} | "
                      f"{_fmt(r['images_per_s'], 2)} | {_fmt(r['ms'], 2)} | {_fmt(r['peak_gb'], 2)} | "
                      f"{_fmt(r['work_gb'], 2)} | {_fmt(r['psnr'], 1)} | {r['psnr_vs'] or ''} | "
-                     f"{_fmt(ratio['diffusers'], 2)} | {_fmt(ratio['diffusers-compile'], 2)} | "
-                     f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
-    lines += targets_section(targets(rows, plan))
-    return "\n".join(lines) + "\n"
+                     f"{_fmt(ratio['diffusers'], 2)} | {_fmt(ratio['diffusers-compile'], 2)} | " + closing_cells(r))
+    return with_targets(lines, targets(rows, plan))
 
 
 def _bars(ax, rows: list[dict], category, series, value: str, ylabel: str) -> None:
@@ -303,7 +302,7 @@ def main(argv: list[str]) -> int:
     meta = end_to_end_meta("model", args, plan)
     if meta is None:
         return 1
-    out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-model-smoke" if args.smoke else HERE / "results")
+    out = results_folder("model", args)
     run = None
     with end_to_end_process(args.smoke):
         try:

@@ -38,9 +38,10 @@ from dcae.train.losses import ReconstructionLoss
 from dcae.train.task import Task
 from dcae.train.trainer import Trainer
 
-from .common import (COLORS, BenchRun, build_pair, compiled, end_to_end_arguments, end_to_end_meta, end_to_end_process,
-                     figure, find_row, footprint, median_ms, row_line, sync, targets_section)
-from .report import HERE, _fmt
+from .common import (COLORS, BenchRun, build_pair, closing_cells, compiled, end_to_end_arguments, end_to_end_meta,
+                     end_to_end_process, figure, find_row, footprint, median_ms, results_folder, row_line, sync,
+                     with_targets)
+from .report import _fmt
 
 SPEEDUP_TARGET = 1.2  # phase 1: ours' images/s over diffusers'
 MEMORY_TARGET = 0.55  # phase 2: peak memory over training everything (paper: 67.81 / 153.98 GB = 0.44)
@@ -397,9 +398,8 @@ def markdown(rows: list[dict], meta: dict, plan: Plan) -> str:
                      f"{_fmt(r['loss_saved_gb'], 3)} | "
                      f"{_fmt(r['trainable_m'], 2)} | {r['frozen_grads'] if r['frozen_grads'] is not None else ''} | "
                      f"{r['graph_from'] or ''} | {_fmt(r['loss'], 5)} | {_fmt(speedup, 2)} | {_fmt(peak_ratio, 3)} | "
-                     f"{_fmt(r['compile_s'], 1)} | {(r['error'] or '').replace('|', '/')} |")
-    lines += targets_section(targets(rows, plan))
-    return "\n".join(lines) + "\n"
+                     + closing_cells(r))
+    return with_targets(lines, targets(rows, plan))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -472,7 +472,7 @@ def main(argv: list[str]) -> int:
     meta = end_to_end_meta("train", args, plan)
     if meta is None:
         return 1
-    out = args.out or (Path(tempfile.gettempdir()) / "csrc_bench-train-smoke" if args.smoke else HERE / "results")
+    out = results_folder("train", args)
 
     loss = "L1 + LPIPS (VGG16, random weights)" if args.lpips else "L1 (no LPIPS: --no-lpips)"
     meta.update(lpips=args.lpips, loss=loss)

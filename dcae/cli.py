@@ -329,11 +329,14 @@ def _shared_options(dtype: str | None = "fp32") -> dict[str, argparse.ArgumentPa
     device.add_argument("--device", type=device_name, help="cuda, cuda:N or cpu (default: cuda when available)")
     lpips = Parser(add_help=False)
     lpips.add_argument("--lpips-weights", help="local LPIPS file (python -m dcae.lpips convert): also report LPIPS")
+    inception = Parser(add_help=False)
+    inception.add_argument("--fid-weights", required=True, help="local pytorch-fid Inception file "
+                                                                "(pt_inception-2015-12-05-6726825d.pth)")
     images = Parser(add_help=False)
     images.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help=f"refuse images with more pixels (width x height) than this; 0: no limit "
                              f"(default: {MAX_IMAGE_PIXELS})")
-    return {"model": model, "device": device, "lpips": lpips, "images": images}
+    return {"model": model, "device": device, "lpips": lpips, "images": images, "inception": inception}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,20 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--shard-size", type=positive_int, default=1024, help="latents per shard (default: 1024)")
     lat.set_defaults(func=encode_latents_command)
     ref = sub.add_parser("fid-ref", help="FID reference statistics (npz: mu, sigma) of an image folder",
-                         parents=[shared["device"]])
+                         parents=[shared["device"], shared["inception"]])
     ref.add_argument("--data", required=True, help="image folder (all images under it)")
     ref.add_argument("--resolution", type=positive_int, required=True, help="ADM centre-crop size")
-    ref.add_argument("--fid-weights", required=True,
-                     help="local pytorch-fid Inception file (pt_inception-2015-12-05-6726825d.pth)")
     ref.add_argument("--out", required=True, help="statistics file, .npz")
     ref.add_argument("--batch-size", type=positive_int, default=50, help="(default: 50)")
     ref.set_defaults(func=fid_ref)
-    gen = sub.add_parser("evaluate-gen", help="FID and Inception Score of generated samples",
-                         parents=[shared["device"]])
+    gen = sub.add_parser("evaluate-gen", help="FID and Inception Score of generated samples (the Inception file "
+                                              "with its classifier)", parents=[shared["device"], shared["inception"]])
     gen.add_argument("--samples", required=True, help="folder of sample images (png/jpg/webp, searched recursively)")
     gen.add_argument("--ref", required=True, help="reference statistics npz with mu, sigma (fid-ref's, or ADM's)")
-    gen.add_argument("--fid-weights", required=True,
-                     help="local pytorch-fid Inception file with its classifier (pt_inception-2015-12-05-6726825d.pth)")
     gen.add_argument("--batch-size", type=positive_int, default=50, help="(default: 50)")
     gen.add_argument("--splits", type=positive_int, default=IS_SPLITS,
                      help=f"Inception Score splits (default: {IS_SPLITS})")

@@ -26,17 +26,13 @@ from torch.library import triton_op, wrap_triton
 from . import reference
 from .backend import INTERPRET, run_triton
 from .checks import check_eps, check_float_tensor, check_like
+from .norm import FWD_CONFIGS
 from .outputs import accumulation_dtype, new_output
 
-# BLOCK = elements of one [BN, CP] tile: 32 per thread in the forward; 16 or 8 in the backward, which holds x,
-# xhat, dy, dh_total and three per-channel sums (16 per thread take ~170 registers on sm_90: they spill at 16
-# warps). Configs whose tile is narrower than a row are pruned. The interpreter's small tiles make the tests cover
-# tiles of several rows and of one, several backward chunks and partial ones.
-_FWD_CONFIGS = [triton.Config({"BLOCK": 512})] if INTERPRET else [
-    triton.Config({"BLOCK": 4096}, num_warps=4),
-    triton.Config({"BLOCK": 8192}, num_warps=8),
-    triton.Config({"BLOCK": 16384}, num_warps=16),
-]
+# BLOCK = elements of one [BN, CP] tile: 32 per thread in the forward (norm.py's FWD_CONFIGS); 16 or 8 in the
+# backward, which holds x, xhat, dy, dh_total and three per-channel sums (16 per thread take ~170 registers on
+# sm_90: they spill at 16 warps). Configs whose tile is narrower than a row are pruned. The interpreter's small
+# tiles make the tests cover tiles of several rows and of one, several backward chunks and partial ones.
 _BWD_CONFIGS = [triton.Config({"BLOCK": 256})] if INTERPRET else [
     triton.Config({"BLOCK": 2048}, num_warps=4),
     triton.Config({"BLOCK": 4096}, num_warps=8),
@@ -79,7 +75,7 @@ def _whole_rows(configs, named_args, **kwargs):
     return fitting or [max(configs, key=lambda c: c.kwargs["BLOCK"])]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "C", "HAS_RES", "HAS_GATE"],
+@triton.autotune(configs=FWD_CONFIGS, key=["N", "C", "HAS_RES", "HAS_GATE"],
                  prune_configs_by={"early_config_prune": _whole_rows})
 @triton.jit
 def modulated_layer_norm_fwd_kernel(

@@ -27,10 +27,11 @@ from .backend import INTERPRET, reference_double_backward, run_triton
 from .checks import check_eps, check_float_tensor, check_like
 from .outputs import accumulation_dtype, new_output
 
-# BLOCK = elements of one [BC, BP] tile: 32 per thread in the forward; 16 in the backward, which holds x, dy and
-# w * dy at once (32 spill at 16 warps on sm_90). The interpreter's small tiles make the tests cover the one-pass and
-# the two-pass forms (the backward's at fewer channels), several pixel blocks and partial chunks.
-_FWD_CONFIGS = [triton.Config({"BLOCK": 512})] if INTERPRET else [
+# BLOCK = elements of one [BC, BP] tile: 32 per thread in the forward (as in modulated_norm.py's, which shares these
+# configs); 16 in the backward, which holds x, dy and w * dy at once (32 spill at 16 warps on sm_90). The
+# interpreter's small tiles make the tests cover the one-pass and the two-pass forms (the backward's at fewer
+# channels), several pixel blocks and partial chunks.
+FWD_CONFIGS = [triton.Config({"BLOCK": 512})] if INTERPRET else [
     triton.Config({"BLOCK": 4096}, num_warps=4),
     triton.Config({"BLOCK": 8192}, num_warps=8),
     triton.Config({"BLOCK": 16384}, num_warps=16),
@@ -67,7 +68,7 @@ def _normalize(b_x, b_rstd, o_x, m_x, o_c, m_c, w_ptr, b_ptr, res_ptr, y_ptr, HA
     tl.store(y_ptr + o_x, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["C", "HW", "HAS_RES"])
+@triton.autotune(configs=FWD_CONFIGS, key=["C", "HW", "HAS_RES"])
 @triton.jit
 def rms_norm_2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, rstd_ptr, eps, C, HW,
@@ -190,7 +191,7 @@ def _rms_norm_2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, e
     residual = None if residual is None else residual.contiguous()
     y = new_output(x, x.shape)
     rstd = new_output(x, (batch, hw), accumulation_dtype(x))
-    meta = _meta(channels, _FWD_CONFIGS)
+    meta = _meta(channels, FWD_CONFIGS)
     grid = lambda m: (triton.cdiv(hw, _pixels_per_tile(m["BLOCK"], meta)), batch)  # noqa: E731
     wrap_triton(rms_norm_2d_fwd_kernel)[grid](
         x, weight.contiguous(), bias.contiguous(), x if residual is None else residual, y, rstd, eps, channels, hw,

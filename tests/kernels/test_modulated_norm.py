@@ -425,7 +425,7 @@ def bwd_spec(dtype, cp, block, num_warps, residual=True, gate=True, dy=True, dh=
                 constexprs=dict(CP=cp, HAS_RES=residual, HAS_GATE=gate, HAS_DY=dy, HAS_DH=dh, BLOCK=block))
 
 
-# The GPU configs (BLOCK / warps as in modulated_norm._FWD_CONFIGS / _BWD_CONFIGS), bf16 with every input, at the
+# The GPU configs (BLOCK / warps as in norm.FWD_CONFIGS / modulated_norm._BWD_CONFIGS), bf16 with every input, at the
 # widest rows each config takes (the autotuner prunes the configs narrower than a row), DiT's 1152 channels
 # (CP = 2048) and 16 channels.
 FWD_CONFIGS, BWD_CONFIGS = ((4096, 4), (8192, 8), (16384, 16)), ((2048, 4), (4096, 8), (4096, 16))

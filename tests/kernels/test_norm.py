@@ -372,7 +372,7 @@ def bwd_spec(dtype, cp, one_pass, block, num_warps, weight="bf16"):
                 aligned=[*ptrs, "C", "HW", "CHUNK"], constexprs=dict(CP=cp, ONE_PASS=one_pass, BLOCK=block))
 
 
-# The GPU configs (BLOCK / warps as in norm._FWD_CONFIGS / _BWD_CONFIGS), bf16, at DC-AE's
+# The GPU configs (BLOCK / warps as in norm.FWD_CONFIGS / _BWD_CONFIGS), bf16, at DC-AE's
 # channel counts: one pass up to 1024 forward / 512 backward, two passes beyond (2048 forward, 1024 backward).
 FWD_CONFIGS, BWD_CONFIGS = ((4096, 4), (8192, 8), (16384, 16)), ((2048, 4), (4096, 8), (8192, 16))
 SM90 = {f"fwd C{c} +add {b}/{w}": fwd_spec("bf16", c, c <= 1024, b, w) for b, w in FWD_CONFIGS
